@@ -1,0 +1,38 @@
+// Host launchers of the CUDA kernels (defined in csrc/cuda/*.cu, called by the torch glue in csrc/cuda/*.cpp).
+// Plain C++: raw pointers, element counts, dtype enums and a stream; no torch types cross this boundary.
+// Each list argument holds `n` pointers (one per tensor, parallel lists); tensors with numel 0 are skipped.
+// Every launcher returns the first CUDA error it saw (cudaSuccess otherwise).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "forgetkern/common.h"
+
+namespace forgetkern {
+namespace cuda {
+
+// One dtype group of fisher_accumulate_: fishers[t] (state dtype) <- decay * F + scale * g^2. `found` is a
+// device float set to 1.0f when a non-finite gradient element is seen (zeroed by the caller).
+cudaError_t fisher_accumulate_launch(int64_t n, void* const* fishers, const void* const* grads,
+                                     const int64_t* numels, DType fisher_dtype, DType grad_dtype, double decay,
+                                     double scale, float* found, cudaStream_t stream);
+
+// Workspace slots (doubles) ewc_fused needs for tensors of these sizes (one per chunk of every tensor).
+int64_t ewc_workspace_slots(int64_t n, const int64_t* numels);
+
+// One dtype group of ewc_fused. `mode` is an EwcMode (grads may be null in kEwcPenaltyOnly). Block partial sums
+// go to workspace[workspace_offset ...]; the caller advances the offset by ewc_workspace_slots() per group.
+cudaError_t ewc_fused_launch(int64_t n, const void* const* params, const void* const* anchors,
+                             const void* const* fishers, void* const* grads, const int64_t* numels,
+                             DType param_dtype, DType anchor_dtype, DType fisher_dtype, int mode, double lam,
+                             double* workspace, int64_t workspace_offset, cudaStream_t stream);
+
+// Sums workspace[0 .. slots) in a fixed order and writes lam/2 * sum to *out (a double if out_double, else a
+// float). slots may be 0 (then *out = 0).
+cudaError_t ewc_finalize_launch(const double* workspace, int64_t slots, double lam, void* out, bool out_double,
+                                cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace forgetkern

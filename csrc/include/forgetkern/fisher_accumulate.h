@@ -1,0 +1,32 @@
+// Per-element math of fisher_accumulate_, shared by the CPU and CUDA kernels.
+//
+//   C = double when the Fisher state is float64, else float; decay and scale are rounded to C once.
+//   g = C(grad), f = C(fisher)
+//   if g is finite:  fisher <- S( (f * decay) + ((g * g) * scale) )     S: round once to the state dtype (RNE)
+//   else:            fisher is left unchanged (same bits) and the op's found-nonfinite flag is set
+//
+// Every operation is a separate IEEE operation in exactly this order (no FMA contraction), which is also the
+// order of forgetkern/reference/fisher_accumulate.py, so the kernels reproduce the reference bit for bit.
+#pragma once
+
+#include "forgetkern/common.h"
+
+namespace forgetkern {
+
+template <typename C>
+FK_INLINE C fisher_update(C f, C g, C decay, C scale) {
+  return fk_add(fk_mul(f, decay), fk_mul(fk_mul(g, g), scale));
+}
+
+// One element on storage types: returns the new state and adds 1 to `nonfinite` when g is not finite.
+// The update is computed unconditionally and selected, which keeps CPU loops branch-free (vectorisable).
+template <typename C, typename F, typename G>
+FK_INLINE F fisher_element(F f, G g, C decay, C scale, int& nonfinite) {
+  const C gc = load_as<C>(g);
+  const bool ok = is_finite(gc);
+  nonfinite += ok ? 0 : 1;
+  const F updated = Store<F>::from(fisher_update(load_as<C>(f), gc, decay, scale));
+  return ok ? updated : f;
+}
+
+}  // namespace forgetkern

@@ -1,0 +1,3 @@
+from forgetkern.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""Backend selection: which implementation of an op runs for a given device.
+
+Every op exists up to four times:
+
+* ``torch``  - the pure-PyTorch reference (``forgetkern/reference``): the test oracle and the fallback that
+  always works, on every device and dtype;
+* ``cpp``    - the CPU C++ extension (``forgetkern._C``, OpenMP);
+* ``cuda``   - the CUDA C++ extension (``forgetkern._cuda``);
+* ``triton`` - Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
+
+The choice, in order of precedence: the innermost :func:`use_backend` context (optionally for one op only),
+then the ``FORGETKERN_BACKEND`` environment variable, then ``auto``. ``auto`` picks, per device, the fastest
+backend that is available: ``cpp`` on CPU, ``cuda`` then ``triton`` on CUDA, ``torch`` otherwise. A backend
+that was asked for explicitly but cannot run on the tensors' device raises a :class:`BackendError` that says
+why; it never silently changes the numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from typing import Iterator, Mapping, Optional
+
+import torch
+
+BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+
+_OVERRIDE: contextvars.ContextVar[tuple] = contextvars.ContextVar("forgetkern_backend", default=())
+
+
+class BackendError(RuntimeError):
+    """An explicitly requested backend cannot run the op on the given tensors."""
+
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"{what} must be one of {BACKENDS}, got {name!r}")
+    return name.lower()
+
+
+@contextlib.contextmanager
+def use_backend(backend: str, *, op: Optional[str] = None) -> Iterator[None]:
+    """Run the ops inside the block on ``backend`` (for every op, or only for ``op``).
+
+    >>> with forgetkern.use_backend("torch"):
+    ...     forgetkern.fisher_accumulate_(fishers, grads)       # reference path
+    >>> with forgetkern.use_backend("triton", op="ewc_fused"):
+    ...     ...
+    """
+    backend = _check_name(backend, "backend")
+    if op is not None and not isinstance(op, str):
+        raise TypeError(f"op must be an op name (str) or None, got {type(op).__name__}")
+    token = _OVERRIDE.set(_OVERRIDE.get() + ((op, backend),))
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def requested(op: str) -> str:
+    """The backend requested for ``op`` (before looking at the device): context, env, or ``auto``."""
+    for scope, backend in reversed(_OVERRIDE.get()):
+        if scope is None or scope == op:
+            return backend
+    return _check_name(os.environ.get("FORGETKERN_BACKEND", "auto"), "FORGETKERN_BACKEND")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def availability(device_type: str) -> Mapping[str, Optional[str]]:
+    """For each concrete backend: ``None`` if it can run on ``device_type``, else the reason it cannot."""
+    from forgetkern import _ext
+
+    out: dict[str, Optional[str]] = {"torch": None}
+    if device_type == "cpu":
+        out["cpp"] = None if _ext.cpu_ops() is not None else f"CPU extension not loaded: {_ext.cpu_ext_error()}"
+        out["cuda"] = "the cuda backend needs CUDA tensors"
+    elif device_type == "cuda":
+        out["cpp"] = "the cpp backend needs CPU tensors"
+        out["cuda"] = None if _ext.cuda_ops() is not None else f"CUDA extension not loaded: {_ext.cuda_ext_error()}"
+    else:
+        out["cpp"] = f"the cpp backend needs CPU tensors, got device type {device_type!r}"
+        out["cuda"] = f"the cuda backend needs CUDA tensors, got device type {device_type!r}"
+    if not triton_available():
+        out["triton"] = "triton is not installed"
+    elif device_type == "cuda":
+        out["triton"] = None
+    elif device_type == "cpu" and triton_interpreting():
+        out["triton"] = None
+    else:
+        out["triton"] = f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device_type!r}"
+    return out
+
+
+_AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+
+def resolve(op: str, device: torch.device, *, supported: tuple = ("torch", "cpp", "cuda", "triton")) -> str:
+    """The concrete backend that runs ``op`` on ``device``.
+
+    ``supported`` lists the backends that implement ``op`` (for the given inputs, e.g. a dtype a kernel lacks).
+    """
+    want = requested(op)
+    avail = availability(device.type)
+    if want == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("torch",)):
+            if name in supported and avail.get(name) is None:
+                return name
+        return "torch"
+    if want not in supported:
+        raise BackendError(
+            f"forgetkern.{op}: backend {want!r} does not implement this op for these inputs "
+            f"(implemented: {', '.join(supported)}); use backend 'auto' or one of those"
+        )
+    reason = avail.get(want)
+    if reason is not None:
+        raise BackendError(f"forgetkern.{op}: backend {want!r} cannot run on {device}: {reason}")
+    return want
+
+
+def kernel(module: str, fn: str, backend: str):
+    """The implementation of ``fn`` on ``backend``, found by the op's name through every layer.
+
+    ``torch`` -> ``forgetkern.reference.<module>.<fn>``, ``triton`` -> ``forgetkern.triton.<module>.<fn>``,
+    ``cpp`` -> ``torch.ops.forgetkern_cpu.<fn>``, ``cuda`` -> ``torch.ops.forgetkern_cuda.<fn>``.
+    """
+    import importlib
+
+    from forgetkern import _ext
+
+    if backend in ("torch", "triton"):
+        package = "reference" if backend == "torch" else "triton"
+        return getattr(importlib.import_module(f"forgetkern.{package}.{module}"), fn)
+    ops = _ext.cpu_ops() if backend == "cpp" else _ext.cuda_ops()
+    return getattr(ops, fn)

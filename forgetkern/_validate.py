@@ -1,0 +1,81 @@
+"""Argument checks shared by the ops. Every error names the argument, the index and what was expected."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor_list(op: str, name: str, xs) -> list:
+    """``xs`` as a list of tensors, or a TypeError naming ``name``."""
+    if isinstance(xs, torch.Tensor):
+        raise TypeError(f"forgetkern.{op}: {name} must be a list or tuple of tensors, got a single Tensor; "
+                        f"wrap it: [{name}]")
+    if not isinstance(xs, (list, tuple)):
+        raise TypeError(f"forgetkern.{op}: {name} must be a list or tuple of tensors, got {type(xs).__name__}")
+    for i, x in enumerate(xs):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"forgetkern.{op}: {name}[{i}] must be a Tensor, got {type(x).__name__}")
+    return list(xs)
+
+
+def check_float(op: str, name: str, value, *, finite: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"forgetkern.{op}: {name} must be a Python float, got {type(value).__name__}")
+    value = float(value)
+    if finite and not (value == value and abs(value) != float("inf")):
+        raise ValueError(f"forgetkern.{op}: {name} must be finite, got {value}")
+    return value
+
+
+def check_tensor_lists(
+    op: str,
+    lists: Sequence[tuple],
+    *,
+    same_dtype_as: Optional[dict] = None,
+) -> torch.device:
+    """Check parallel tensor lists, given as ``(name, tensors, allowed_dtypes)`` triples.
+
+    All lists have the same length; the tensors at one index have the same shape; every tensor is dense,
+    contiguous, on one common device, with a dtype in its list's ``allowed_dtypes``. ``same_dtype_as`` maps a
+    list name to another whose dtype it must match index by index (e.g. ``grads`` to ``params``).
+    Returns the common device (``cpu`` for empty lists).
+    """
+    (first_name, first, _), n = lists[0], len(lists[0][1])
+    for name, xs, _ in lists[1:]:
+        if len(xs) != n:
+            raise ValueError(f"forgetkern.{op}: {name} has {len(xs)} tensors but {first_name} has {n}; "
+                             f"the lists are parallel and must have the same length")
+    device = first[0].device if n else torch.device("cpu")
+    by_name = {name: xs for name, xs, _ in lists}
+    for name, xs, allowed in lists:
+        for i, x in enumerate(xs):
+            where = f"forgetkern.{op}: {name}[{i}]"
+            if x.layout != torch.strided:
+                raise TypeError(f"{where} must be a dense (strided) tensor, got layout {x.layout}")
+            if x.dtype not in allowed:
+                raise TypeError(f"{where} has dtype {x.dtype}; expected one of {_dtype_names(allowed)}")
+            if x.device != device:
+                raise ValueError(f"{where} is on {x.device} but {first_name}[0] is on {device}; "
+                                 f"all tensors must be on one device")
+            if x.shape != first[i].shape:
+                raise ValueError(f"{where} has shape {tuple(x.shape)} but {first_name}[{i}] has shape "
+                                 f"{tuple(first[i].shape)}")
+            if not x.is_contiguous():
+                raise ValueError(f"{where} is not contiguous; pass {name}[{i}].contiguous() (an in-place "
+                                 f"update of a copy would be lost, so forgetkern does not copy silently)")
+    for name, other in (same_dtype_as or {}).items():
+        for i, (x, y) in enumerate(zip(by_name[name], by_name[other])):
+            if x.dtype != y.dtype:
+                raise TypeError(f"forgetkern.{op}: {name}[{i}] has dtype {x.dtype} but {other}[{i}] has "
+                                f"{y.dtype}; they must match")
+    return device
+

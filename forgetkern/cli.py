@@ -1,0 +1,76 @@
+"""Command line: ``forgetkern env`` (also ``python -m forgetkern env``)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+# The ops whose backend choice `forgetkern env` reports, as (public name, dispatch name).
+REPORTED_OPS = (
+    ("fisher_accumulate_", "fisher_accumulate_"),
+    ("ewc_penalty / ewc_penalty_and_grad_", "ewc_fused"),
+)
+
+
+def _version(module: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        return "not installed"
+
+
+def env_report() -> str:
+    import torch
+
+    from forgetkern import __version__, _backend, _ext
+
+    info = _ext.build_info()
+    lines = [
+        f"forgetkern     {__version__}",
+        f"python         {platform.python_version()} ({platform.machine()}, {platform.system()})",
+        f"torch          {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        f"triton         {_version('triton')}",
+        f"transformers   {_version('transformers')}",
+        f"peft           {_version('peft')}",
+        f"cuda device    {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none visible'}",
+        "",
+        "build",
+        f"  built against torch {info.get('torch_version', '?')}, CUDA {info.get('cuda_version') or 'none'}, "
+        f"archs {', '.join(info.get('cuda_archs') or []) or 'none'}",
+        f"  CPU extension  (forgetkern._C)    "
+        f"{'loaded' if _ext.cpu_ops() is not None else 'NOT loaded: ' + str(_ext.cpu_ext_error())}",
+        f"  CUDA extension (forgetkern._cuda) "
+        f"{'loaded' if _ext.cuda_ops() is not None else 'NOT loaded: ' + str(_ext.cuda_ext_error())}",
+        f"  Triton         {'available' if _backend.triton_available() else 'not installed'}"
+        f"{' (interpreter: TRITON_INTERPRET=1)' if _backend.triton_interpreting() else ''}",
+        "",
+        f"backends (requested: {_backend.requested('*')}; FORGETKERN_BACKEND or forgetkern.use_backend)",
+    ]
+    devices = ["cpu", "cuda"]
+    for public, op in REPORTED_OPS:
+        for dev in devices:
+            try:
+                chosen = _backend.resolve(op, torch.device(dev))
+            except _backend.BackendError as e:
+                chosen = f"error: {e}"
+            avail = _backend.availability(dev)
+            usable = ", ".join(name for name, why in avail.items() if why is None)
+            lines.append(f"  {public:<38} {dev:<5} -> {chosen:<7} (usable here: {usable})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="forgetkern", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("env", help="print versions, what was built, and which backend each op uses per device")
+    args = parser.parse_args(argv)
+    if args.command == "env":
+        print(env_report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Test and benchmark utilities shipped with the package: AOT compile reports, interpreter bytes-moved counter."""

@@ -1,0 +1,329 @@
+"""Build checks that need no GPU.
+
+* Every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 (-Xptxas -v), and ptxas reports 0 bytes of
+  spill stores and spill loads for every function on both archs; the registers per kernel are recorded (printed
+  with -s, and as junit properties).
+* forgetkern._cuda imports without a GPU, and the build metadata says CUDA when the extension exists.
+* forgetkern._ext refuses extensions built against another torch / CUDA, with one actionable warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from forgetkern import _ext
+
+ROOT = Path(__file__).resolve().parents[1]
+CU_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+ARCHS = ("sm_80", "sm_90")
+
+
+def find_nvcc():
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var) and os.path.isfile(os.path.join(os.environ[var], "bin", "nvcc")):
+            return os.path.join(os.environ[var], "bin", "nvcc")
+    return shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if os.path.isfile("/usr/local/cuda/bin/nvcc") else None)
+
+
+NVCC = find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+
+# ---- ptxas -v parsing ----------------------------------------------------------------------------------------
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
+_PROPS = re.compile(r"Function properties for (\S+)")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+_ARCH = re.compile(r"for '(sm_\w+)'")
+
+
+def parse_ptxas(text: str) -> list:
+    """Records of `nvcc -Xptxas -v` output, one per (function, arch): function, arch, kernel (an entry
+    function), registers (entries only), stack, spill_stores, spill_loads."""
+    records: dict = {}
+    arch = None
+    current = None
+    for line in text.splitlines():
+        m = _ENTRY.search(line)
+        if m:
+            arch = m.group(2)
+            current = records.setdefault((m.group(1), arch), {"function": m.group(1), "arch": arch, "kernel": True})
+            continue
+        m = _ARCH.search(line)  # e.g. "Compiling device function ... for 'sm_90'" or "... info for 'sm_80'"
+        if m and "Compiling" in line:
+            arch = m.group(1)
+        m = _PROPS.search(line)
+        if m:
+            current = records.setdefault((m.group(1), arch), {"function": m.group(1), "arch": arch,
+                                                              "kernel": False})
+            continue
+        m = _SPILL.search(line)
+        if m and current is not None:
+            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+            continue
+        m = _REGS.search(line)
+        if m and current is not None:
+            current["registers"] = int(m.group(1))
+    return list(records.values())
+
+
+def test_parse_ptxas_sample():
+    sample = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z1kPf' for 'sm_80'
+ptxas info    : Function properties for _Z1kPf
+    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 3512 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z1kPf' for 'sm_90'
+ptxas info    : Function properties for _Z1kPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 38 registers, used 1 barriers
+"""
+    recs = {(r["function"], r["arch"]): r for r in parse_ptxas(sample)}
+    assert recs[("_Z1kPf", "sm_80")] == {"function": "_Z1kPf", "arch": "sm_80", "kernel": True, "stack": 0,
+                                         "spill_stores": 8, "spill_loads": 4, "registers": 40}
+    assert recs[("_Z1kPf", "sm_90")]["registers"] == 38 and recs[("_Z1kPf", "sm_90")]["spill_stores"] == 0
+
+
+def demangle(names: list) -> dict:
+    tool = shutil.which("c++filt")
+    if not tool or not names:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
+
+
+@functools.lru_cache(maxsize=None)
+def compile_cu(path: str, tmp: str) -> tuple:
+    cmd = [NVCC, "-std=c++17", "-O3", "-DFK_CUDA", "-I", str(ROOT / "csrc" / "include"), "-Xptxas", "-v"]
+    for arch in ARCHS:
+        cmd += ["-gencode", f"arch=compute_{arch[3:]},code={arch}"]
+    cmd += ["-c", path, "-o", os.path.join(tmp, Path(path).stem + ".o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return proc.returncode, proc.stdout + proc.stderr, " ".join(cmd)
+
+
+@pytest.fixture(scope="module")
+def nvcc_tmp(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("nvcc"))
+
+
+@needs_nvcc
+@pytest.mark.skipif(not CU_FILES, reason="no csrc/cuda/*.cu")
+@pytest.mark.parametrize("cu", CU_FILES, ids=[p.name for p in CU_FILES])
+def test_cu_compiles_without_spills(cu, nvcc_tmp, record_property):
+    rc, out, cmd = compile_cu(str(cu), nvcc_tmp)
+    assert rc == 0, f"nvcc failed ({cmd}):\n{out[-6000:]}"
+    records = parse_ptxas(out)
+    kernels = [r for r in records if r["kernel"]]
+    assert kernels, f"no kernels in the ptxas report of {cu.name}:\n{out[-3000:]}"
+    for name in {r["function"] for r in kernels}:
+        assert {r["arch"] for r in kernels if r["function"] == name} == set(ARCHS), f"{name}: not built for {ARCHS}"
+    missing = [r["function"] for r in records if "spill_stores" not in r]
+    assert not missing, f"no spill line parsed for {missing[:3]}"
+    names = demangle(sorted({r["function"] for r in records}))
+    spills = [f"{names[r['function']]} [{r['arch']}]: {r['spill_stores']} B spill stores, {r['spill_loads']} B "
+              f"spill loads" for r in records if r["spill_stores"] or r["spill_loads"]]
+    table = sorted((names[r["function"]], r["arch"], r.get("registers")) for r in kernels)
+    print(f"\n{cu.name}: {len(table) // len(ARCHS)} kernels x {len(ARCHS)} archs")
+    for arch in ARCHS:
+        regs = [t[2] for t in table if t[1] == arch]
+        print(f"  {arch}: registers min {min(regs)} max {max(regs)}")
+    for name, arch, regs in table:
+        print(f"  {regs:4d} regs  {arch}  {name}")
+        record_property(f"{cu.name}:{arch}:{name}", regs)
+    assert not spills, "register spills:\n" + "\n".join(spills)
+
+
+# ---- host-side multi-tensor packing (csrc/include/forgetkern/multi_tensor.h), checked without a GPU ----------
+
+_MTA_HARNESS = r"""
+#include <cstdio>
+#include <cstdint>
+#include <vector>
+#include <random>
+#include "forgetkern/multi_tensor.h"
+using namespace forgetkern;
+
+template <int DEPTH>
+int check(const std::vector<int64_t>& numels) {
+  const int64_t n = (int64_t)numels.size();
+  std::vector<std::vector<void*>> lists(DEPTH, std::vector<void*>(n));
+  for (int d = 0; d < DEPTH; ++d)
+    for (int64_t t = 0; t < n; ++t) lists[d][t] = (void*)(uintptr_t)(((uint64_t)(d + 1) << 40) + 16 * (t + 1));
+  void* const* ptrs[DEPTH];
+  for (int d = 0; d < DEPTH; ++d) ptrs[d] = lists[d].data();
+  std::vector<std::vector<int>> seen(n);
+  for (int64_t t = 0; t < n; ++t) seen[t].assign((size_t)ceil_div(numels[t], kCudaChunk), 0);
+  int64_t next_slot = 0;
+  int bad = 0;
+  int err = multi_tensor_apply<DEPTH>(n, ptrs, numels.data(), [&](const TensorListMeta<DEPTH>& m, int blocks) {
+    if (blocks <= 0 || blocks > kMaxBlocksPerLaunch || m.block_offset != next_slot) ++bad;
+    for (int b = 0; b < blocks; ++b) {
+      const int slot = m.block_to_tensor[b];
+      if (slot >= max_tensors(DEPTH)) { ++bad; continue; }
+      const int64_t t = (int64_t)(((uintptr_t)m.addresses[0][slot] & 0xFFFFFFFFFFull) / 16) - 1;
+      for (int d = 0; d < DEPTH; ++d) if (m.addresses[d][slot] != lists[d][t]) ++bad;
+      if (m.numel[slot] != numels[t]) ++bad;
+      seen[t][m.block_to_chunk[b]] += 1;
+    }
+    next_slot += blocks;
+    return 0;
+  });
+  for (int64_t t = 0; t < n; ++t) for (int v : seen[t]) if (v != 1) ++bad;
+  if (next_slot != count_chunks(n, numels.data(), kCudaChunk)) ++bad;
+  return bad + err;
+}
+
+int main() {
+  std::mt19937_64 rng(0);
+  std::vector<std::vector<int64_t>> cases = {{}, {0}, {1}, {0, 0, 7}, {65536}, {65537}, {65536 * 700 + 3}};
+  for (int c = 0; c < 20; ++c) {
+    std::vector<int64_t> v(rng() % 400);
+    for (auto& x : v) {
+      const uint64_t r = rng() % 10;
+      x = r < 2 ? 0 : r < 8 ? (int64_t)(rng() % 5000) : (int64_t)(rng() % 3000000);
+    }
+    cases.push_back(v);
+  }
+  int bad = 0;
+  for (const auto& v : cases) bad += check<2>(v) + check<3>(v) + check<4>(v);
+  std::printf("%s %d\n", bad ? "FAIL" : "OK", bad);
+  return bad != 0;
+}
+"""
+
+
+def test_multi_tensor_apply_covers_every_chunk_once(tmp_path):
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    src = tmp_path / "mta.cpp"
+    src.write_text(_MTA_HARNESS)
+    exe = tmp_path / "mta"
+    proc = subprocess.run([cxx, "-std=c++17", "-O1", "-I", str(ROOT / "csrc" / "include"), str(src), "-o", str(exe)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.startswith("OK"), run.stdout + run.stderr
+
+
+# ---- the built extension ---------------------------------------------------------------------------------------
+
+HAS_CUDA_EXT = importlib.util.find_spec("forgetkern._cuda") is not None
+
+
+@pytest.mark.skipif(not HAS_CUDA_EXT, reason="forgetkern._cuda is not built")
+def test_build_info_reports_cuda():
+    info = _ext.build_info()
+    assert info["built_cuda"] is True and info["built_cpu"] is True
+    assert info["cuda_version"] and info["cuda_archs"]
+    assert info["version"].endswith("+cu" + info["cuda_version"].replace(".", ""))
+    assert info["compiler"]["nvcc"]
+    if _ext.compat_error("cuda", info, torch.__version__, torch.version.cuda) is None:
+        assert _ext.cuda_ops() is not None, _ext.cuda_ext_error()
+        assert _ext.cuda_ext_error() is None
+
+
+def test_build_info_is_valid_json_or_absent():
+    path = _ext.BUILD_INFO_PATH
+    if not path.exists():
+        assert _ext.build_info() == {}
+        return
+    info = json.loads(path.read_text())
+    for key in ("version", "torch_version", "cuda_version", "cuda_archs", "built_cpu", "built_cuda", "compiler"):
+        assert key in info, key
+
+
+@pytest.mark.skipif(not HAS_CUDA_EXT, reason="forgetkern._cuda is not built")
+def test_cuda_extension_imports_without_a_gpu():
+    code = ("import torch, forgetkern._cuda\n"
+            "assert not torch.cuda.is_available()\n"
+            "ops = torch.ops.forgetkern_cuda\n"
+            "print(ops.ewc_fused.default._schema)\n"
+            "print(ops.fisher_accumulate_.default._schema)\n")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "forgetkern_cuda::ewc_fused(Tensor[] params" in proc.stdout
+
+
+@pytest.mark.skipif(not HAS_CUDA_EXT, reason="forgetkern._cuda is not built")
+def test_cuda_schemas_match_cpu_schemas():
+    if _ext.cpu_ops() is None or _ext.cuda_ops() is None:
+        pytest.skip("an extension is not loaded")
+    for op in ("ewc_fused", "fisher_accumulate_"):
+        cpu = str(getattr(torch.ops.forgetkern_cpu, op).default._schema).split("::", 1)[1]
+        cuda = str(getattr(torch.ops.forgetkern_cuda, op).default._schema).split("::", 1)[1]
+        assert cpu == cuda
+
+
+# ---- forgetkern._ext compatibility checks -------------------------------------------------------------------
+
+
+def test_compat_error_cases():
+    info = {"torch_version": "2.14.1+cu130", "cuda_version": "13.0", "built_cuda": True}
+    assert _ext.compat_error("cpu", info, "2.14.1+cu130", "13.0") is None
+    assert _ext.compat_error("cpu", info, "2.14.1+cpu", None) is None  # local tag ignored
+    assert _ext.compat_error("cuda", info, "2.14.1+cu130", "13.1") is None  # same CUDA major
+    err = _ext.compat_error("cpu", info, "2.15.0", "13.0")
+    assert "built against torch 2.14.1+cu130" in err and "2.15.0" in err and "--no-build-isolation" in err
+    err = _ext.compat_error("cuda", info, "2.14.1+cu126", "12.6")
+    assert "CUDA 13.0" in err and "12.6" in err
+    assert "CPU-only" in _ext.compat_error("cuda", info, "2.14.1+cpu", None)
+    assert "without CUDA" in _ext.compat_error("cuda", dict(info, built_cuda=False), "2.14.1", "13.0")
+    assert _ext.compat_error("cpu", {}, "2.14.1", None) is None  # no metadata: nothing to check
+
+
+def _run_ext_with_info(tmp_path, info) -> subprocess.CompletedProcess:
+    path = tmp_path / "_build_info.json"
+    path.write_text(json.dumps(info))
+    code = (
+        "import warnings, json\n"
+        "from pathlib import Path\n"
+        "from forgetkern import _ext\n"
+        f"_ext.BUILD_INFO_PATH = Path({str(path)!r})\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    r = [_ext.cpu_ops(), _ext.cuda_ops(), _ext.cpu_ops(), _ext.cuda_ops()]\n"
+        "print(json.dumps({'ops': [x is not None for x in r], 'cpu_error': _ext.cpu_ext_error(),\n"
+        "                  'cuda_error': _ext.cuda_ext_error(),\n"
+        "                  'warnings': [(c.category.__name__, str(c.message)) for c in w]}))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_mismatched_torch_is_not_loaded_and_warns_once(tmp_path):
+    info = {"version": "0.1.0", "torch_version": "1.13.0+cu117", "cuda_version": "11.7", "cuda_archs": ["8.0"],
+            "built_cpu": True, "built_cuda": True, "compiler": {}}
+    proc = _run_ext_with_info(tmp_path, info)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["ops"] == [False, False, False, False]
+    assert "built against torch 1.13.0+cu117" in res["cpu_error"]
+    assert len(res["warnings"]) == 1
+    category, message = res["warnings"][0]
+    assert category == "ForgetkernBuildWarning"
+    assert "falling back" in message and "torch" in message and "pip install --no-build-isolation" in message
+
+
+def test_matching_build_info_loads_without_warning(tmp_path):
+    if _ext.cpu_ops() is None:
+        pytest.skip(f"CPU extension not loaded here: {_ext.cpu_ext_error()}")
+    info = dict(_ext.build_info())
+    proc = _run_ext_with_info(tmp_path, info)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["ops"][0] and res["cpu_error"] is None
+    assert [w for w in res["warnings"] if w[0] == "ForgetkernBuildWarning"] == []

@@ -1,0 +1,118 @@
+"""fisher_accumulate_: every backend against an exact float64 oracle, per dtype, odd sizes, bad inputs."""
+
+import pytest
+import torch
+
+import forgetkern
+from tests._helpers import EPS, assert_close_scaled, backends, rand_list, size_sets
+
+SIZES = size_sets()
+
+
+def _oracle(fishers, grads, decay, scale):
+    """Exact float64 result of decay*F + scale*g^2, and the magnitude of the summed terms."""
+    want, mag = [], []
+    for f, g in zip(fishers, grads):
+        a, b = f.double() * decay, g.double() ** 2 * scale
+        want.append(a + b)
+        mag.append(a.abs() + b.abs())
+    return want, mag
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("sizes", list(SIZES), ids=str)
+@pytest.mark.parametrize("state_dtype,grad_dtype", [
+    (torch.float32, torch.float32), (torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float64, torch.float64),
+], ids=lambda d: str(d).replace("torch.", ""))
+def test_matches_oracle(backend, sizes, state_dtype, grad_dtype):
+    gen = torch.Generator().manual_seed(1)
+    shapes = SIZES[sizes]
+    fishers = rand_list(shapes, state_dtype, gen, positive=True)
+    grads = rand_list(shapes, grad_dtype, gen, scale=3.0)
+    want, mag = _oracle(fishers, grads, 0.9, 0.25)
+    with forgetkern.use_backend(backend):
+        found = forgetkern.fisher_accumulate_(fishers, grads, decay=0.9, scale=0.25)
+    assert found.dtype == torch.float32 and found.dim() == 0 and found.item() == 0.0
+    # one rounding of the fp32 (or fp64) math plus one rounding on store; 1 ulp more for truncating stores
+    ulps = 3.0 if state_dtype == torch.float32 else 2.0
+    for i, (f, w, m) in enumerate(zip(fishers, want, mag)):
+        assert f.dtype == state_dtype
+        assert_close_scaled(f, w, m + w.abs(), state_dtype, ulps, f"fishers[{i}]")
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_mixed_dtypes_in_one_call(backend):
+    gen = torch.Generator().manual_seed(2)
+    fishers = [torch.rand(100, generator=gen).to(d) for d in (torch.float32, torch.bfloat16, torch.float32)]
+    grads = [torch.randn(100, generator=gen).to(d) for d in (torch.float16, torch.float32, torch.bfloat16)]
+    want, mag = _oracle(fishers, grads, 1.0, 1.0)
+    with forgetkern.use_backend(backend):
+        forgetkern.fisher_accumulate_(fishers, grads)
+    for i, (f, w, m) in enumerate(zip(fishers, want, mag)):
+        assert_close_scaled(f, w, m, f.dtype, 3.0, f"fishers[{i}]")
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_fp16_gradients_never_overflow(backend, state_dtype):
+    grads = [torch.full((33,), 60000.0, dtype=torch.float16), torch.full((5,), -65504.0, dtype=torch.float16)]
+    fishers = [torch.zeros(33, dtype=state_dtype), torch.ones(5, dtype=state_dtype)]
+    with forgetkern.use_backend(backend):
+        found = forgetkern.fisher_accumulate_(fishers, grads)
+    assert found.item() == 0.0
+    assert torch.isfinite(fishers[0]).all() and torch.isfinite(fishers[1]).all()
+    torch.testing.assert_close(fishers[0].double(), torch.full((33,), 3.6e9, dtype=torch.float64),
+                               rtol=EPS[state_dtype], atol=0)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_nonfinite_gradients_are_skipped_and_flagged(backend, bad):
+    fishers = [torch.full((70000,), 4.0), torch.full((3,), 5.0)]
+    grads = [torch.ones(70000), torch.ones(3)]
+    grads[0][[0, 40000, 69999]] = bad
+    with forgetkern.use_backend(backend):
+        found = forgetkern.fisher_accumulate_(fishers, grads, decay=0.5, scale=1.0)
+    assert found.item() == 1.0
+    expect = torch.full((70000,), 3.0)   # 0.5 * 4 + 1 for good elements ...
+    expect[[0, 40000, 69999]] = 4.0      # ... the skipped ones keep their old value, not even decayed
+    torch.testing.assert_close(fishers[0], expect, rtol=0, atol=0)
+    torch.testing.assert_close(fishers[1], torch.full((3,), 3.5), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_opcheck(backend):
+    gen = torch.Generator().manual_seed(3)
+    fishers = rand_list([17, (4, 9)], torch.float32, gen, positive=True)
+    grads = rand_list([17, (4, 9)], torch.float32, gen)
+    with forgetkern.use_backend(backend):
+        torch.library.opcheck(torch.ops.forgetkern.fisher_accumulate_.default, (fishers, grads, 0.9, 0.1))
+
+
+def test_empty_list_returns_zero_flag():
+    found = forgetkern.fisher_accumulate_([], [])
+    assert found.item() == 0.0 and found.dtype == torch.float32
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: ([torch.zeros(3)], [torch.zeros(3), torch.zeros(3)]), "grads has 2 tensors but fishers has 1"),
+    (lambda: ([torch.zeros(3)], [torch.zeros(4)]), r"grads\[0\] has shape \(4,\)"),
+    (lambda: ([torch.zeros(3, dtype=torch.float16)], [torch.zeros(3)]), r"fishers\[0\] has dtype torch.float16"),
+    (lambda: ([torch.zeros(3)], [torch.zeros(3, dtype=torch.int32)]), r"grads\[0\] has dtype torch.int32"),
+    (lambda: ([torch.zeros(3, 4)], [torch.zeros(4, 3).t()]), r"grads\[0\] is not contiguous"),
+    (lambda: ([torch.zeros(3)], [torch.zeros(3, device="meta")]), r"grads\[0\] is on meta"),
+    (lambda: (torch.zeros(3), [torch.zeros(3)]), "fishers must be a list or tuple of tensors"),
+    (lambda: ([torch.zeros(3)], [3.0]), r"grads\[0\] must be a Tensor"),
+])
+def test_bad_inputs_name_the_argument(make, match):
+    fishers, grads = make()
+    with pytest.raises((TypeError, ValueError), match=match):
+        forgetkern.fisher_accumulate_(fishers, grads)
+
+
+def test_bad_scalars():
+    with pytest.raises(ValueError, match="decay must be finite"):
+        forgetkern.fisher_accumulate_([torch.zeros(1)], [torch.zeros(1)], decay=float("nan"))
+    with pytest.raises(TypeError, match="scale must be a Python float"):
+        forgetkern.fisher_accumulate_([torch.zeros(1)], [torch.zeros(1)], scale=torch.tensor(1.0))

@@ -1,0 +1,80 @@
+"""Every Triton kernel variant (``AOT_SPECS`` of every module in ``forgetkern.triton``) compiles ahead of
+time for sm_80 and sm_90 without spilling.
+
+No GPU is needed: ``triton.compile`` runs TTIR -> PTX -> cubin with the ptxas of the triton wheel, and the
+resource usage is read from the cubin. The session runs with ``TRITON_INTERPRET=1`` (kernels are interpreter
+objects then), so the compiles run in one child process without it; the resource table is printed (``-s``).
+"""
+
+import os
+import re
+
+import pytest
+
+pytest.importorskip("triton")
+
+from forgetkern.testing import aot  # noqa: E402
+
+_IMPORT_ERRORS: list = []
+SPECS = aot.discover(errors=_IMPORT_ERRORS)
+IDS = [sid for sid, _ in SPECS] + [f"{mod}:import" for mod, _ in _IMPORT_ERRORS]
+DESCRIPTIONS = {sid: spec[3] for sid, spec in SPECS}
+JOBS = max(1, min(4, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    rows = aot.compile_all_subprocess(aot.ARCHS, jobs=JOBS)
+    print("\n" + aot.format_table(rows))
+    return {(r["id"], r["arch"]): r for r in rows}
+
+
+def test_discovery_finds_the_multi_tensor_kernels():
+    modules = {sid.split(":")[0] for sid in IDS}
+    assert {"ewc_penalty", "fisher_accumulate"} <= modules
+    from forgetkern.triton import ewc_penalty, fisher_accumulate
+
+    # every (param, anchor, fisher) dtype triple x 3 modes; every (state, grad) dtype pair
+    assert len(ewc_penalty.AOT_SPECS) == 4 * 4 * 4 * 3
+    assert len(fisher_accumulate.AOT_SPECS) == 3 * 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("spec_id", IDS)
+def test_compiles_without_spills(compiled, spec_id, arch):
+    row = compiled.get((spec_id, arch))
+    assert row is not None, f"{spec_id} was not compiled for sm_{arch}"
+    assert row["ok"], f"{spec_id} ({row['description']}) failed for sm_{arch}: {row.get('error')}"
+    assert row["n_spills"] == 0, f"{spec_id} ({row['description']}) spills on sm_{arch}: {row}"
+    assert row["local_bytes"] == 0 and row["n_regs"] <= 255
+    # the launchers use 4 warps: a block must fit the register file and 227 KB of shared memory
+    assert row["n_regs"] * 128 <= 65536 and row["shared_bytes"] <= 227 * 1024
+
+
+# 16-byte-aligned chunks take the path with alignment hints: 128-bit global loads (and stores when writing)
+_VECTOR = r"p=(fp32 a=fp32 F=fp32|bf16 a=bf16 F=bf16)|F=(fp32 g=fp32|bf16 g=bf16)"
+
+
+def test_aligned_path_uses_128_bit_accesses():
+    rows = aot.compile_all_subprocess((90,), jobs=JOBS, filter_text=_VECTOR, sass=True)
+    rows = [r for r in rows if r["id"].split(":")[0] in ("ewc_penalty", "fisher_accumulate")]
+    assert len(rows) == 8
+    for r in rows:
+        assert r["ok"], r
+        writes = "write_grad=0" not in r["description"]
+        assert r["ldg128"] and (r["stg128"] or not writes), f"{r['id']} {r['description']}: {r}"
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="interpreter not enabled")
+def test_compile_for_explains_the_interpreter():
+    kernel, signature, constexprs = SPECS[0][1][:3]
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        aot.compile_for(kernel, signature, constexprs, 90)
+
+
+def test_resource_usage_parser():
+    text = "\nResource usage:\n Function k:\n  REG:40 STACK:8 SHARED:1024 LOCAL:16 CONSTANT[0]:560 TEXTURE:0\n"
+    assert aot._parse_resource_usage(text) == {"regs": 40, "stack": 8, "static_shared": 1024, "local": 16}
+    assert re.search("ewc", aot.format_table([{"id": "ewc_penalty:0", "arch": 90, "description": "d", "ok": True,
+                                               "name": "ewc", "n_regs": 1, "n_spills": 0, "shared_bytes": 0}]))
