@@ -1,23 +1,47 @@
-"""forgetkern: fused kernels for forgetting-safe fine-tuning (LoRA, Fisher, EWC, orthogonal projections).
+"""forgetkern: fused kernels for forgetting-safe fine-tuning (LoRA, Fisher, EWC).
 
 Public API (optional dependencies such as triton, transformers and peft are imported lazily)::
 
+    forgetkern.patch(peft_model) / forgetkern.unpatch(peft_model)          # fused LoRA layers, undoable
+    forgetkern.lora_linear(x, W, b, [LoraAdapter(A, B, s, p)], training=)  # the op behind the patch
     forgetkern.fisher_accumulate_(fishers, grads, decay=1.0, scale=1.0)     # F <- decay F + scale g^2
+    forgetkern.FisherEstimator(model, labels=, granularity=).estimate(dl)   # per-sample / sampled Fisher
+    forgetkern.linear_persample_sq_grad_(F, x, grad_out)                    # F += sum_n (sum_t g x^T)^2
     forgetkern.ewc_penalty_and_grad_(params, anchors, fishers, lam=, grads=) # penalty, grads += lam F d
     forgetkern.ewc_penalty(params, anchors, fishers, lam)                   # differentiable penalty
     forgetkern.use_backend("torch" | "cpp" | "cuda" | "triton" | "auto")    # context manager
 """
 
 from forgetkern._backend import BackendError, use_backend
+from forgetkern._ext import ForgetkernBuildWarning
 from forgetkern._version import __version__
+from forgetkern.fisher import FisherEstimator
 from forgetkern.ops.ewc_penalty import ewc_penalty, ewc_penalty_and_grad_
 from forgetkern.ops.fisher_accumulate import fisher_accumulate_
+from forgetkern.ops.linear_persample_sq_grad import (
+    bias_persample_sq_grad_,
+    linear_persample_sq_grad_,
+    lora_persample_sq_grad_,
+)
+from forgetkern.ops.lora_linear import LoraAdapter, lora_linear, lora_linear_siblings
+from forgetkern.patching import PatchReport, patch, unpatch
 
 __all__ = [
     "__version__",
     "BackendError",
+    "ForgetkernBuildWarning",
     "use_backend",
+    "patch",
+    "unpatch",
+    "PatchReport",
+    "LoraAdapter",
+    "lora_linear",
+    "lora_linear_siblings",
     "fisher_accumulate_",
+    "FisherEstimator",
+    "linear_persample_sq_grad_",
+    "bias_persample_sq_grad_",
+    "lora_persample_sq_grad_",
     "ewc_penalty",
     "ewc_penalty_and_grad_",
 ]
