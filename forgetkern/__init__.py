@@ -24,7 +24,7 @@ from forgetkern.ops.linear_persample_sq_grad import (
     lora_persample_sq_grad_,
 )
 from forgetkern.ops.lora_linear import LoraAdapter, lora_linear, lora_linear_siblings
-from forgetkern.patching import PatchReport, patch, unpatch
+from forgetkern.patching import PatchReport, is_patched, patch, unpatch
 
 __all__ = [
     "__version__",
@@ -33,6 +33,7 @@ __all__ = [
     "use_backend",
     "patch",
     "unpatch",
+    "is_patched",
     "PatchReport",
     "LoraAdapter",
     "lora_linear",
