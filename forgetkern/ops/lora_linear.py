@@ -54,9 +54,13 @@ def _supported(x: Tensor) -> tuple:
     return ("torch", "triton", "cuda")
 
 
-def _impl(fn: str, x: Tensor):
+def _impl_name(x: Tensor) -> str:
     # auto on CUDA prefers the Triton kernels over the CUDA C++ GEMM (forgetkern._backend._AUTO_ORDER_BY_OP)
-    return _backend.kernel(OP, fn, _backend.resolve(OP, x.device, supported=_supported(x)))
+    return _backend.resolve(OP, x.device, supported=_supported(x))
+
+
+def _impl(fn: str, x: Tensor):
+    return _backend.kernel(OP, fn, _impl_name(x))
 
 
 @torch.library.custom_op("forgetkern::lora_linear_fwd", mutates_args=())
@@ -126,6 +130,68 @@ def _backward(ctx, dys, _dxa):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerFn(torch.autograd.Function):
+    """The same forward / backward as the custom ops, for eager calls on the torch backend.
+
+    ``torch.library`` autograd flattens every list argument on each call (~0.2 ms forward + 0.2 ms backward,
+    as much as a small layer's whole LoRA branch); a plain ``autograd.Function`` calls the same backend
+    functions and saves the same tensors (``x``, ``xa`` and the weights, which the module holds anyway).
+    The custom ops remain the path for ``torch.compile``, tracing and dispatch modes.
+    """
+
+    @staticmethod
+    def forward(ctx, meta, x, *tensors):
+        n_l, n_b, n_ad, bias_layer, layer, scaling, dropout_p, keys = meta
+        weights, biases = list(tensors[:n_l]), list(tensors[n_l:n_l + n_b])
+        lora_a, lora_b = list(tensors[n_l + n_b:n_l + n_b + n_ad]), list(tensors[n_l + n_b + n_ad:])
+        ys, xa = _TORCH_FWD(x, weights, biases, bias_layer, lora_a, lora_b, layer, scaling, dropout_p, keys)
+        ctx.save_for_backward(x, xa, *weights, *lora_a, *lora_b)  # as the custom op: in-place edits are caught
+        ctx.meta = meta
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        n_l, n_b, n_ad, bias_layer, layer, scaling, dropout_p, keys = ctx.meta
+        need = ctx.needs_input_grad
+        need_dx = need[1]
+        need_a, need_b = need[2 + n_l + n_b:2 + n_l + n_b + n_ad], need[2 + n_l + n_b + n_ad:]
+        need_da, need_db = any(need_a), any(need_b)
+        saved = ctx.saved_tensors
+        x, xa, weights = saved[0], saved[1], list(saved[2:2 + n_l])
+        lora_a, lora_b = list(saved[2 + n_l:2 + n_l + n_ad]), list(saved[2 + n_l + n_ad:])
+        dys = [d.contiguous() for d in dys]
+        dx, d_a, d_b = None, [None] * n_ad, [None] * n_ad
+        if need_dx or need_da or need_db:
+            dx, d_a, d_b = _TORCH_BWD(dys, x, weights, lora_a, lora_b, xa, layer, scaling, dropout_p,
+                                      keys, need_dx, need_da, need_db)
+            dx = dx if need_dx else None
+            d_a = [t if n else None for t, n in zip(d_a, need_a)]
+            d_b = [t if n else None for t, n in zip(d_b, need_b)]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        d_bias = [dys[li].sum(0, dtype=acc).to(x.dtype) if n else None
+                  for li, n in zip(bias_layer, need[2 + n_l:2 + n_l + n_b])]
+        return (None, dx, *([None] * n_l), *d_bias, *d_a, *d_b)
+
+
+def _torch_kernels():
+    from forgetkern.reference import lora_linear as ref
+
+    return ref.lora_linear_fwd, ref.lora_linear_bwd
+
+
+_TORCH_FWD, _TORCH_BWD = _torch_kernels()
+
+
+def _eager(tensors) -> bool:
+    """True when a call can take :class:`_EagerFn`: plain tensors, no compile / tracing / dispatch mode."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    for t in tensors:
+        if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
+            return False
+    return True
 
 _warned_weight = False
 
@@ -233,8 +299,15 @@ def _run(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]
     keys = [0] * len(lora_a)
     if any(p > 0 for p in dropout_p):
         keys = dropout_keys(_draw_seed(x.device) if seed is None else seed, len(lora_a))
-    ys, _ = _fwd_op(x2, [w.contiguous() for w in weights], bias_all, bias_layer, lora_a, lora_b, layer,
-                    scaling, dropout_p, keys)
+    if _impl_name(x2) == "torch" and _eager((x2, *weights, *bias_all, *lora_a, *lora_b)):
+        # the torch kernels hand W to BLAS with a transpose flag: a transposed view (GPT-2 Conv1D stores
+        # [in, out]) is used as it is, without a per-call copy
+        weights = [w if w.is_contiguous() or w.t().is_contiguous() else w.contiguous() for w in weights]
+        meta = (len(weights), len(bias_all), len(lora_a), bias_layer, layer, scaling, dropout_p, keys)
+        ys = _EagerFn.apply(meta, x2, *weights, *bias_all, *lora_a, *lora_b)
+    else:
+        weights = [w.contiguous() for w in weights]
+        ys, _ = _fwd_op(x2, weights, bias_all, bias_layer, lora_a, lora_b, layer, scaling, dropout_p, keys)
     return [y.view(*lead, y.shape[-1]) for y in ys]
 
 

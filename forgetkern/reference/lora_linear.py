@@ -14,7 +14,8 @@ x-sized-by-rank tensor saved. Adapters without active dropout share one GEMM ``x
 Dropout masks come from a counter-based hash of (key, row, column) (:func:`keep_mask`), implemented bit for
 bit identically in Triton (``forgetkern/triton/lora_linear.py``) and C++ (``csrc/include/forgetkern/
 lora_linear.h``): every backend drops the same elements for the same seed, and the backward regenerates the
-mask instead of storing it. All arithmetic below is int64 on values < 2^63, so it is exact.
+mask instead of storing it. :func:`keep_mask_int64` defines the hash in exact int64 arithmetic; the fast
+path computes the same bits in int32 (wrap-around ``+``/``*``, masked shifts), one cache-sized row block at a time.
 """
 
 from __future__ import annotations
@@ -63,13 +64,87 @@ def keep_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
-def keep_mask(key: int, p: float, rows: int, cols: int, device=None, row0: int = 0) -> torch.Tensor:
-    """Bool [rows, cols]: which elements of x (rows ``row0..``) dropout keeps for ``key`` and rate ``p``."""
+def keep_mask_int64(key: int, p: float, rows: int, cols: int, device=None, row0: int = 0) -> torch.Tensor:
+    """The hash's definition in plain int64 arithmetic (exact); :func:`keep_mask` must match it bit for bit."""
     r = torch.arange(row0, row0 + rows, dtype=torch.int64, device=device)
     rh = _mix32_(r.mul_(ROW_MUL).add_(key).bitwise_and_(M32))
     c = torch.arange(cols, dtype=torch.int64, device=device).mul_(COL_MUL)
     h = _mix32_((rh[:, None] + c[None, :]).bitwise_and_(M32))
     return (h >> 8) >= keep_threshold(p)
+
+
+# The fast path hashes in int32: + and * wrap modulo 2^32 like uint32, and a logical shift right by s is the
+# arithmetic one with the top s bits cleared. On CPU x is processed in row blocks of ~_CHUNK elements, so the
+# hash state, its scratch and the mask stay in cache across the ~14 passes of the hash.
+_CHUNK = 1 << 16
+_COLS: dict = {}
+
+
+def _signed32(t: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) -> the int32 tensor with the same bits."""
+    return t.sub_((t >> 31) << 32).to(torch.int32)
+
+
+def _col_term(cols: int, device) -> torch.Tensor:
+    k = (cols, str(device))
+    c = _COLS.get(k)
+    if c is None:
+        c = _signed32(torch.arange(cols, dtype=torch.int64, device=device).mul_(COL_MUL).bitwise_and_(M32))
+        if len(_COLS) > 64:
+            _COLS.clear()
+        _COLS[k] = c
+    return c
+
+
+def _row_hash32(key: int, row0: int, rows: int, device) -> torch.Tensor:
+    r = torch.arange(row0, row0 + rows, dtype=torch.int64, device=device)
+    return _signed32(_mix32_(r.mul_(ROW_MUL).add_(key).bitwise_and_(M32)))
+
+
+def _drop_block(rh: torch.Tensor, col: torch.Tensor, thr: int, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Bool [len(rh), len(col)]: the DROPPED elements (``hash >> 8 < thr``); ``h``, ``t`` are int32 scratch."""
+    torch.add(rh[:, None], col[None, :], out=h)
+    for shift, mask, mul in ((16, 0xFFFF, MIX_MUL1), (15, 0x1FFFF, MIX_MUL2), (15, 0x1FFFF, None)):
+        torch.bitwise_right_shift(h, shift, out=t)
+        h.bitwise_xor_(t.bitwise_and_(mask))
+        if mul is not None:
+            h.mul_(mul)
+    torch.bitwise_right_shift(h, 8, out=t)
+    return t.bitwise_and_(0xFFFFFF) < thr
+
+
+def _blocks(x: torch.Tensor):
+    """Row ranges ``(r0, r1)`` covering x [M, K]: cache-sized blocks on CPU, one block elsewhere."""
+    m, k = x.shape
+    step = max(1, _CHUNK // max(1, k)) if x.device.type == "cpu" else max(1, m)
+    return [(r0, min(m, r0 + step)) for r0 in range(0, m, step)]
+
+
+class _Masker:
+    """Regenerates one adapter's drop mask block by block (scratch buffers reused across blocks)."""
+
+    def __init__(self, key: int, p: float, x: torch.Tensor):
+        self.rh = _row_hash32(key, 0, x.shape[0], x.device)
+        self.col = _col_term(x.shape[1], x.device)
+        self.thr, self.scale = keep_threshold(p), keep_scale(p)
+        step = _blocks(x)[0][1] if x.shape[0] else 0
+        self.h = torch.empty((step, x.shape[1]), dtype=torch.int32, device=x.device)
+        self.t = torch.empty_like(self.h)
+
+    def drop(self, r0: int, r1: int) -> torch.Tensor:
+        n = r1 - r0
+        return _drop_block(self.rh[r0:r1], self.col, self.thr, self.h[:n], self.t[:n])
+
+    def apply(self, v: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        """``v * keep / (1 - p)`` (a new tensor) for a block ``v`` of x's shape."""
+        return (v * self.scale).masked_fill_(drop, 0)
+
+
+def keep_mask(key: int, p: float, rows: int, cols: int, device=None, row0: int = 0) -> torch.Tensor:
+    """Bool [rows, cols]: which elements of x (rows ``row0..``) dropout keeps for ``key`` and rate ``p``."""
+    rh = _row_hash32(key, row0, rows, device)
+    h = torch.empty((rows, cols), dtype=torch.int32, device=device)
+    return _drop_block(rh, _col_term(cols, device), keep_threshold(p), h, torch.empty_like(h)).logical_not_()
 
 
 def dropped(x: torch.Tensor, key: int, p: float) -> torch.Tensor:
@@ -117,9 +192,10 @@ def lora_linear_fwd(x: torch.Tensor, weights: List[torch.Tensor], biases: List[t
                 r = lora_a[k].shape[0]
                 xa[:, offs[k]:offs[k] + r].copy_(res[:, c:c + r])
                 c += r
-    for k in drop:
-        r = lora_a[k].shape[0]
-        xa[:, offs[k]:offs[k] + r].copy_(dropped(x, keys[k], dropout_p[k]) @ lora_a[k].t())
+    for k in drop:  # drop(x) only ever exists one cache-sized row block at a time
+        r, at, mk = lora_a[k].shape[0], lora_a[k].t(), _Masker(keys[k], dropout_p[k], x)
+        for r0, r1 in _blocks(x):
+            xa[r0:r1, offs[k]:offs[k] + r].copy_(mk.apply(x[r0:r1], mk.drop(r0, r1)) @ at)
     ys = []
     for li, w in enumerate(weights):
         bias = biases[bias_layer.index(li)] if li in bias_layer else None
@@ -159,14 +235,10 @@ def lora_linear_bwd(dys: List[torch.Tensor], x: torch.Tensor, weights: List[torc
         else:
             gk[k].copy_(dys[layer[k]] @ lora_b[k])
         gk[k].mul_(scaling[k])
-    # each dropout mask is regenerated once and serves dA and dx
-    keep = {k: keep_mask(keys[k], dropout_p[k], m, x.shape[1], x.device).to(x.dtype) for k in drop}
     if need_da:
         d_a = [None] * n_ad
         for k in plain:
             d_a[k] = torch.mm(gk[k].t(), x)
-        for k in drop:
-            d_a[k] = torch.mm(gk[k].t(), x * keep[k] * keep_scale(dropout_p[k]))
     if need_dx:
         dx = torch.mm(dys[0], weights[0])
         for li in range(1, len(weights)):
@@ -177,6 +249,19 @@ def lora_linear_bwd(dys: List[torch.Tensor], x: torch.Tensor, weights: List[torc
             else:
                 for k in plain:
                     dx.addmm_(gk[k], lora_a[k])
-        for k in drop:
-            dx.addcmul_(gk[k] @ lora_a[k], keep[k], value=keep_scale(dropout_p[k]))
+    # each dropout mask is regenerated once, block by block, and serves dA and dx
+    for k in drop:
+        mk = _Masker(keys[k], dropout_p[k], x)
+        half = x.dtype in (torch.float16, torch.bfloat16)  # blocks' partial sums are added in float32
+        acc = x.new_zeros(lora_a[k].shape, dtype=torch.float32 if half else x.dtype) if need_da else None
+        for r0, r1 in _blocks(x):
+            dm = mk.drop(r0, r1)
+            if need_da and half:
+                acc.add_(torch.mm(gk[k][r0:r1].t(), mk.apply(x[r0:r1], dm)))
+            elif need_da:
+                acc.addmm_(gk[k][r0:r1].t(), mk.apply(x[r0:r1], dm))
+            if need_dx:
+                dx[r0:r1].add_(mk.apply(gk[k][r0:r1] @ lora_a[k], dm))
+        if need_da:
+            d_a[k] = acc.to(x.dtype)
     return dx, d_a, d_b
