@@ -335,7 +335,8 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.slow
 def test_aot_sm80_sm90_no_spills_tensor_cores():
-    """Fused fwd / dx kernels compile for sm_80 (HMMA) and sm_90 (HGMMA) without spills."""
+    """Fused fwd / dx kernels, aligned and unaligned specialisations, compile for sm_80 (HMMA) and sm_90 (HGMMA)
+    without spills."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import json
@@ -346,7 +347,7 @@ def test_aot_sm80_sm90_no_spills_tensor_cores():
             d = spec.description
             if d.startswith(("fwd bf16", "dx fp16")) and ("bias=True" in d or "drop=True" in d):
                 for arch in (80, 90):
-                    r = compile_for(spec.kernel, spec.signature, spec.constexprs, arch, spec.options)
+                    r = compile_for(spec.kernel, spec.signature, spec.constexprs, arch, spec.options, spec.attrs)
                     out.append([d, arch, r.n_spills, r.sass_has("HGMMA"), r.sass_has(r"HMMA")])
         print(json.dumps(out))
     """)
@@ -360,3 +361,47 @@ def test_aot_sm80_sm90_no_spills_tensor_cores():
     for desc, arch, spills, hgmma, hmma in rows:
         assert spills == 0, (desc, arch)
         assert (hgmma if arch == 90 else hmma), (desc, arch)
+
+
+def test_launches_are_aot_specs():
+    """Every kernel launch of the Triton launchers (fp16/bf16/fp32, sm_80/sm_90; aligned, unaligned and offset
+    inputs; ranks 8/16/5+20, dropout, siblings) is exactly a specialisation that AOT_SPECS lists: same
+    signature, constexprs (the JIT's value-1 ones included), divisibility hints and num_warps/num_stages."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from forgetkern.testing import aot
+        from forgetkern.triton import lora_linear as L
+        from forgetkern.reference.lora_linear import dropout_keys
+        specs = {aot.spec_key(s.kernel, s.signature, s.constexprs, s.options, s.attrs) for s in L.AOT_SPECS}
+
+        def case(dt, m, k, ns, ranks, ps, bias, offset=0):
+            g = torch.Generator().manual_seed(0)
+            t = lambda *s: torch.randn(*s, generator=g).to(dt)
+            x = t(m * k + offset)[offset:].view(m, k)
+            ws, layer = [t(n, k) for n in ns], [i % len(ns) for i in range(len(ranks))]
+            a, b = [t(r, k) for r in ranks], [t(ns[layer[i]], r) for i, r in enumerate(ranks)]
+            keys, sc = dropout_keys(3, len(ranks)), [0.5] * len(ranks)
+            ys, xa = L.lora_linear_fwd(x, ws, [t(n) for n in ns] if bias else [], list(range(len(ns))) if bias
+                                       else [], a, b, layer, sc, ps, keys)
+            L.lora_linear_bwd([t(m, n) for n in ns], x, ws, a, b, xa, layer, sc, ps, keys, True, True, True)
+
+        n = 0
+        for arch in ("sm80", "sm90"):
+            L._arch = lambda x: "fp32" if x.dtype == torch.float32 else arch
+            with aot.recorded_launches(int(arch[2:])) as launches:
+                for dt in (torch.float16, torch.bfloat16, torch.float32):
+                    case(dt, 256, 64, [96], [16], [0.0], True)
+                    case(dt, 4096, 128, [64, 80], [8, 16], [0.1, 0.0], False)
+                    case(dt, 37, 45, [29], [5, 20], [0.3, 0.0], True)
+                    case(dt, 64, 64, [64], [16], [0.2], True, offset=1)
+            missing = [k for k in launches if k not in specs]
+            assert not missing, (arch, missing[0])
+            n += len(launches)
+        print(n)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert int(res.stdout.strip().splitlines()[-1]) >= 150

@@ -73,6 +73,32 @@ def test_compile_for_explains_the_interpreter():
         aot.compile_for(kernel, signature, constexprs, 90)
 
 
+@pytest.mark.slow
+def test_lora_matmuls_use_tensor_cores():
+    """Every 16-bit LoRA kernel specialisation (aligned and unaligned) runs its products on HGMMA (wgmma) on
+    sm_90 and HMMA on sm_80; fp32 inputs take exact IEEE FMA products (the compiles are cached from the
+    fixture: this costs the disassembly)."""
+    rows = aot.compile_all_subprocess(aot.ARCHS, jobs=JOBS, filter_text="^lora_linear:", sass=True)
+    assert len(rows) == 2 * sum(sid.startswith("lora_linear:") for sid in IDS)
+    for r in rows:
+        fp32 = r["description"].split()[1].startswith("fp32")
+        assert r["ok"] and r["mma"] == ("" if fp32 else "HGMMA" if r["arch"] == 90 else "HMMA"), r
+
+
+def test_jit_attrs_mirror_the_jit():
+    """A spec's ``attrs`` (argument names) become the ``tt.divisibility=16`` the JIT gives 16-divisible values,
+    keyed by argument index; only pointer and integer arguments can carry it; a dict passes through."""
+    kernel, signature = SPECS[0][1][:2]
+    ptr = next(n for n, t in signature.items() if t.startswith("*"))
+    want = {(kernel.arg_names.index(ptr),): [["tt.divisibility", 16]]}
+    assert aot.jit_attrs(kernel, signature, [ptr]) == want
+    assert aot.jit_attrs(kernel, signature, {ptr: [["tt.divisibility", 16]]}) == want
+    assert aot.jit_attrs(kernel, signature, ()) == {}
+    for bad in [n for n, t in signature.items() if t == "constexpr" or t.startswith("fp")][:2]:
+        with pytest.raises(ValueError, match="divisibility"):
+            aot.jit_attrs(kernel, signature, [bad])
+
+
 def test_resource_usage_parser():
     text = "\nResource usage:\n Function k:\n  REG:40 STACK:8 SHARED:1024 LOCAL:16 CONSTANT[0]:560 TEXTURE:0\n"
     assert aot._parse_resource_usage(text) == {"regs": 40, "stack": 8, "static_shared": 1024, "local": 16}

@@ -6,7 +6,11 @@ spills and local memory read from the cubin (``cuobjdump --dump-resource-usage``
 launch requests (Triton metadata), and the PTX/cubin, with the SASS (``nvdisasm``) on demand.
 
 Kernel modules in ``forgetkern.triton`` list their specialisations in ``AOT_SPECS`` (see
-:class:`forgetkern.triton.AotSpec`); :func:`discover` collects them from every module of the package.
+:class:`forgetkern.triton.AotSpec`); :func:`discover` collects them from every module of the package. A spec
+states which arguments its launcher guarantees 16-divisible (``attrs``): the ``tt.divisibility`` hints the JIT
+derives from the values at run time, which decide vectorisation, pipelining and so registers and spills.
+:func:`recorded_launches` captures the specialisations a launcher really makes (no GPU, nothing compiled), to
+check them against its specs (:func:`spec_key`).
 
 Compiling needs the real ``@triton.jit`` functions: under ``TRITON_INTERPRET=1`` the kernels are interpreter
 objects, so :func:`compile_all_subprocess` runs the compiles in a child process with the variable removed.
@@ -19,6 +23,7 @@ prints the resource table of every kernel (registers / spills / shared memory pe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -57,7 +62,7 @@ class KernelReport:
     arch: int
     n_regs: int
     n_spills: int       # spilled 32-bit words, as Triton counts them: local memory bytes / 4
-    local_bytes: int    # per-thread local memory (spills and stack arrays) from the cubin
+    local_bytes: int    # per-thread local memory + stack frame (spills and stack arrays) from the cubin
     shared_bytes: int   # shared memory the launch requests (Triton metadata)
     ptx: str = dataclasses.field(repr=False)
     cubin: bytes = dataclasses.field(repr=False)
@@ -70,12 +75,19 @@ class KernelReport:
         """True if the SASS contains ``pattern`` (a regular expression, e.g. ``r"LDG\\.E\\.128"``)."""
         return re.search(pattern, self.sass) is not None
 
+    @property
+    def mma(self) -> str:
+        """The tensor-core instruction of the SASS: ``"HGMMA"`` (wgmma, sm_90), ``"HMMA"``, or ``""``."""
+        return next((op for op in ("HGMMA", "HMMA") if self.sass_has(op + r"\.")), "")
+
     def summary(self, sass: bool = False) -> dict:
-        """The numbers (JSON-friendly); with ``sass``, whether the SASS has 128-bit global loads/stores
-        (disassembly costs more than the compile, so it is opt-in)."""
+        """The numbers (JSON-friendly); with ``sass``, whether the SASS has 128-bit global loads/stores, its
+        tensor-core instruction (:attr:`mma`) and whether global loads go to shared memory asynchronously
+        (``cp.async``/TMA: a pipelined loop) (disassembly costs more than the compile, so it is opt-in)."""
         out = {k: getattr(self, k) for k in ("name", "arch", "n_regs", "n_spills", "local_bytes", "shared_bytes")}
         if sass:
-            out.update(ldg128=self.sass_has(r"LDG\.E\.128"), stg128=self.sass_has(r"STG\.E\.128"))
+            out.update(ldg128=self.sass_has(r"LDG\.E\.128"), stg128=self.sass_has(r"STG\.E\.128"), mma=self.mma,
+                       async_copy=self.sass_has(r"LDGSTS|UTMALDG"))
         return out
 
 
@@ -97,21 +109,83 @@ def _check_jit(kernel) -> None:
             "compile_all_subprocess() or unset the variable")
 
 
+def jit_attrs(kernel, signature: Dict[str, str], attrs) -> dict:
+    """``ASTSource`` attrs as the JIT builds them (``{(arg index,): [["tt.divisibility", 16]]}``) from the
+    names of the arguments known 16-divisible (see :class:`forgetkern.triton.AotSpec`), or a dict passed
+    through (keys: argument names or index paths)."""
+    from triton.backends.compiler import BaseBackend
+
+    def path(name):
+        return (kernel.arg_names.index(name),) if isinstance(name, str) else tuple(name)
+
+    if isinstance(attrs, dict):
+        return {path(k): [list(a) for a in v] for k, v in attrs.items()}
+    out = {}
+    for name in attrs or ():
+        ty = signature.get(name)
+        if ty is None or not (ty.startswith("*") or re.fullmatch(r"[iu](8|16|32|64)", ty)):
+            raise ValueError(f"{kernel.__name__}: divisibility of {name!r} (type {ty!r}): only pointer and "
+                             "integer arguments are specialised on alignment")
+        out[path(name)] = BaseBackend.parse_attr("D")  # what the JIT gives a 16-divisible value
+    return out
+
+
 def compile_for(kernel, signature: Dict[str, str], constexprs: Dict[str, object], arch: int,
-                options: Optional[dict] = None) -> KernelReport:
-    """Compile ``kernel`` for ``sm_<arch>`` (no GPU needed) and read its resource usage from the cubin."""
+                options: Optional[dict] = None, attrs=None) -> KernelReport:
+    """Compile ``kernel`` for ``sm_<arch>`` (no GPU needed) and read its resource usage from the cubin.
+
+    ``attrs``: the arguments known 16-byte aligned / divisible by 16 (see :func:`jit_attrs`); none: the
+    specialisation the JIT makes when no argument is."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     _check_jit(kernel)
-    src = triton.compiler.ASTSource(fn=kernel, signature=dict(signature), constexprs=dict(constexprs))
+    src = triton.compiler.ASTSource(fn=kernel, signature=dict(signature), constexprs=dict(constexprs),
+                                    attrs=jit_attrs(kernel, signature, attrs))
     compiled = triton.compile(src, target=GPUTarget("cuda", int(arch), 32), options=dict(options or {}))
     cubin = compiled.asm["cubin"]
     usage = _parse_resource_usage(_run_tool("cuobjdump", cubin, "--dump-resource-usage"))
     return KernelReport(name=compiled.metadata.name, arch=int(arch), n_regs=usage["regs"],
-                        n_spills=usage["local"] // 4, local_bytes=usage["local"],
+                        # ptxas may place spills in the stack frame (STACK) rather than LOCAL: count both
+                        n_spills=(usage["local"] + usage["stack"]) // 4,
+                        local_bytes=usage["local"] + usage["stack"],
                         shared_bytes=max(int(compiled.metadata.shared), usage["static_shared"]),
                         ptx=compiled.asm["ptx"], cubin=cubin)
+
+
+def spec_key(kernel, signature: Dict[str, str], constexprs: Dict, options: Optional[dict], attrs=None) -> tuple:
+    """A comparable form of one specialisation: kernel, signature, constexprs and ``tt.divisibility`` attrs by
+    argument index, num_warps / num_stages (Triton's defaults when absent)."""
+    options = options or {}
+    paths = {(kernel.arg_names.index(k),) if isinstance(k, str) else tuple(k): v for k, v in constexprs.items()}
+    attrs = jit_attrs(kernel, signature, attrs)
+    return (kernel, tuple(sorted(signature.items())), tuple(sorted(paths.items())),
+            tuple(sorted((k, repr(v)) for k, v in attrs.items() if v)),
+            options.get("num_warps", 4), options.get("num_stages", 3))
+
+
+@contextlib.contextmanager
+def recorded_launches(arch: int = 90):
+    """Within the block, launching a ``@triton.jit`` kernel compiles and runs nothing: the :func:`spec_key` of
+    the specialisation the JIT would compile for ``sm_<arch>`` from the argument values (CPU tensors will do)
+    is appended to the list yielded, to check that a launcher only makes launches its ``AOT_SPECS`` list."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    backend, out, original = make_backend(GPUTarget("cuda", int(arch), 32)), [], JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        binder = create_function_from_signature(self.signature, self.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
+        out.append(spec_key(self, signature, constexprs, vars(options), attrs))
+
+    JITFunction.run = run
+    try:
+        yield out
+    finally:
+        JITFunction.run = original
 
 
 def discover(package: str = "forgetkern.triton", errors: Optional[list] = None) -> List[tuple]:
@@ -142,16 +216,17 @@ def discover(package: str = "forgetkern.triton", errors: Optional[list] = None) 
 def _unpack(spec) -> tuple:
     kernel, signature, constexprs, description = spec[:4]
     options = spec[4] if len(spec) > 4 else {}
-    return kernel, signature, constexprs, description, options
+    attrs = spec[5] if len(spec) > 5 else ()
+    return kernel, signature, constexprs, description, options, attrs
 
 
 def _compile_one(job: tuple) -> dict:
     spec_id, arch, package, sass = job
     spec = dict(discover(package, errors=[]))[spec_id]
-    kernel, signature, constexprs, description, options = _unpack(spec)
+    kernel, signature, constexprs, description, options, attrs = _unpack(spec)
     row = {"id": spec_id, "arch": arch, "description": description}
     try:
-        row.update(compile_for(kernel, signature, constexprs, arch, options).summary(sass), ok=True)
+        row.update(compile_for(kernel, signature, constexprs, arch, options, attrs).summary(sass), ok=True)
     except Exception as e:  # reported per kernel, the table goes on
         row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
     return row
@@ -203,8 +278,8 @@ def compile_all_subprocess(archs: Sequence[int] = ARCHS, jobs: Optional[int] = N
 
 
 def format_table(rows: List[dict]) -> str:
-    """Resource table: one line per kernel variant, one column group per arch (L/S: the SASS has 128-bit
-    global loads/stores, when the compile looked at the SASS)."""
+    """Resource table: one line per kernel variant, one column group per arch (when the compile looked at the
+    SASS: L/S, it has 128-bit global loads/stores; its tensor-core instruction, HGMMA or HMMA)."""
     archs = sorted({r["arch"] for r in rows})
     by = {}
     for r in rows:
@@ -221,6 +296,7 @@ def format_table(rows: List[dict]) -> str:
                 cols.append(f" | {'COMPILE FAILED':>24}")
             else:
                 v128 = "" if "ldg128" not in r else " " + "L"[:r["ldg128"]] + "S"[:r["stg128"]]
+                v128 += f" {r['mma']}" if r.get("mma") else ""
                 cols.append(f" | {r['n_regs']:>12} {r['n_spills']:>6} {r['shared_bytes']:>4}{v128}")
         name = next((r.get("name") for r in per.values() if r.get("name")), sid.split(":")[0])
         lines.append(f"{name:<22} {desc:<52}" + "".join(cols))

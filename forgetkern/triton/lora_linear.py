@@ -21,13 +21,12 @@ import triton.language as tl
 
 from forgetkern import _backend
 from forgetkern.reference.lora_linear import keep_scale, keep_threshold
-from forgetkern.triton import AotSpec
 from forgetkern.triton._dropout import dot, keep_tile, scale_cast
+from forgetkern.triton._jit import AlignedPair
 
 BR = 16  # LoRA rank chunk in the fused kernels (any rank; loops over chunks of 16)
 
 
-@triton.jit
 def _rows_kernel(x_ptr, y_ptr, c_ptr, scale_ptr, M, Q, KD, stride_xm, stride_yk, stride_yq, stride_cm,
                  key, thresh, drop_scale,
                  DROPOUT: tl.constexpr, COL_SCALE: tl.constexpr, BM: tl.constexpr, BQ: tl.constexpr,
@@ -65,7 +64,6 @@ def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     return first_m + (pid % size_m), (pid % (GROUP_M * n_n)) // size_m
 
 
-@triton.jit
 def _fwd_kernel(x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, scale_ptr, y_ptr, M, N, K, R,
                 stride_xm, stride_wn, stride_xam, stride_bn, stride_ym,
                 HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -102,7 +100,6 @@ def _fwd_kernel(x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, scale_ptr, y_ptr, M, N, K
              mask=mmask[:, None] & nmask[None, :])
 
 
-@triton.jit
 def _dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, seg_ptr, seg_scale_ptr, dx_ptr, M, N, K, n_seg,
                stride_dym, stride_wn, stride_gm, stride_am, stride_dxm,
                ACCUM: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROP: tl.constexpr, BM: tl.constexpr,
@@ -113,12 +110,7 @@ def _dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, seg_ptr, seg_scale_ptr, dx_ptr, M, N
     rk = pid_k * BK + tl.arange(0, BK)
     rn = tl.arange(0, BN)
     mmask, kmask = rm < M, rk < K
-    out = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rk[None, :]
-    omask = mmask[:, None] & kmask[None, :]
-    if ACCUM:
-        acc = tl.load(out, mask=omask, other=0.0).to(tl.float32)
-    else:
-        acc = tl.zeros((BM, BK), dtype=tl.float32)
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
     dy_rows = dy_ptr + rm.to(tl.int64)[:, None] * stride_dym
     for n0 in range(0, N, BN):
         nn = n0 + rn
@@ -148,10 +140,15 @@ def _dx_kernel(dy_ptr, w_ptr, g_ptr, a_ptr, seg_ptr, seg_scale_ptr, dx_ptr, M, N
             if HAS_DROP:  # plain segments carry threshold 0 (keep all) and scale 1
                 keep = keep_tile(tl.load(seg_ptr + 4 * si + 2), tl.load(seg_ptr + 4 * si + 3), rm, rk)
                 acc += tl.where(keep, part * tl.load(seg_scale_ptr + si), 0.0)
+    # the output tile's addresses only now: live across the loops they cost a register per element when dx is
+    # not 16-byte aligned (ACCUM then reads the previous layers' sum here too, not before the loops)
+    out = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rk[None, :]
+    omask = mmask[:, None] & kmask[None, :]
+    if ACCUM:
+        acc += tl.load(out, mask=omask, other=0.0).to(tl.float32)
     tl.store(out, acc.to(dx_ptr.dtype.element_ty), mask=omask)
 
 
-@triton.jit
 def _tn_kernel(l_ptr, r_ptr, scale_ptr, c_ptr, M, P, Q, m_per_split,
                stride_lm, stride_rm, stride_cs, stride_cp, stride_cq, key, thresh, drop_scale,
                DROPOUT: tl.constexpr, COL_SCALE: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
@@ -181,13 +178,28 @@ def _tn_kernel(l_ptr, r_ptr, scale_ptr, c_ptr, M, P, Q, m_per_split,
     tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=pmask[:, None] & qmask[None, :])
 
 
-# ---- configurations -------------------------------------------------------------------------------------
-# Big fused kernels (fwd, dx): (BM, BN, BK, num_warps, num_stages). Skinny kernels (rows, tn): (BM, BK, warps,
-# stages): the long side of the tile (rows of x, or the P side of the tn product) and the reduction block; the
-# rank side is 16 (r <= 16) or 64 columns.
-_BIG = {"sm90": (128, 128, 64, 8, 4), "sm80": (128, 128, 32, 8, 4), "fp32": (64, 64, 32, 4, 3),
-        "interp": (32, 32, 32, 4, 1)}
-_SKINNY = {"sm90": (128, 64, 4, 3), "sm80": (128, 64, 4, 3), "fp32": (64, 32, 4, 3), "interp": (32, 32, 4, 1)}
+# ---- JIT specialisations and configurations -------------------------------------------------------------
+# A kernel runs ``aligned`` when every hinted argument (those of the wide loads) is 16-divisible, else ``unaligned``
+# (no hints; see ``_jit``). Rank-sized arguments are never hinted: a rank of 8 would force the unaligned path.
+_ROWS = AlignedPair(_rows_kernel, ("x_ptr", "y_ptr", "KD", "stride_xm", "stride_yq"), ("M", "key", "thresh"))
+_FWD = AlignedPair(_fwd_kernel, ("x_ptr", "w_ptr", "bias_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn",
+                                 "stride_ym"), ("M",))
+_DX = AlignedPair(_dx_kernel, ("dy_ptr", "w_ptr", "a_ptr", "dx_ptr", "N", "K", "stride_dym", "stride_wn",
+                               "stride_am", "stride_dxm"), ("M", "n_seg"))
+_TN = AlignedPair(_tn_kernel, ("l_ptr", "c_ptr", "P", "stride_lm"), ("M", "key", "thresh"))
+
+# fwd (BM, BN, BK, warps, stages), dx (BM, BK, BN, ...): rows, output columns, reduction block. rows / tn
+# (BM, BK, ...) / (BP, BM, ...): the long side and the reduction block; the rank side is 16 (r <= 16) or 64.
+# Unaligned, each element is a scalar load with its own address, pipelined in registers (no cp.async): narrower
+# tiles and fewer stages keep them in the register file (zero spills: AOT_SPECS). fp32 (FMA dots: operands held
+# in registers along the whole reduction block): short reduction blocks.
+_BIG = {("sm90", True): (128, 128, 64, 8, 4), ("sm80", True): (128, 128, 32, 8, 4),
+        ("sm90", False): (128, 64, 32, 8, 2), ("sm80", False): (128, 64, 32, 8, 2),
+        "fp32": (32, 64, 16, 4, 3), "interp": (32, 32, 32, 4, 1)}
+_SKINNY = {("sm90", True): (128, 64, 8, 3), ("sm80", True): (128, 64, 8, 3),
+           ("sm90", False): (128, 32, 8, 2), ("sm80", False): (128, 32, 8, 2),
+           "fp32": (64, 8, 4, 3), "interp": (32, 32, 4, 1)}
+_CFG = {"fwd": _BIG, "dx": _BIG, "rows": _SKINNY, "tn": _SKINNY}
 GROUP_M = 8
 
 
@@ -199,8 +211,11 @@ def _arch(x: torch.Tensor) -> str:
     return "sm90" if torch.cuda.get_device_capability(x.device)[0] >= 9 else "sm80"
 
 
-def _bq(q: int) -> int:
-    return 16 if q <= 16 else 64
+def _select(pair: AlignedPair, kind: str, arch: str, **values):
+    """The specialisation the argument values allow (``values``: every hinted argument) and its config."""
+    aligned = pair.holds(**values)
+    cfg = _CFG[kind][arch] if arch in ("fp32", "interp") else _CFG[kind][arch, aligned]
+    return pair.pick(aligned), cfg
 
 
 def _i32(key: int) -> int:
@@ -211,21 +226,22 @@ def _rows(x, y, c, scale, yk_stride, yq_stride, key=0, p=0.0):
     """c[M, Q] = drop(x) @ y (y given by strides) * scale[Q] (scale None: 1)."""
     m, kd, q = x.shape[0], x.shape[1], c.shape[1]
     arch = _arch(x)
-    bm, bk, warps, stages = _SKINNY[arch]
-    bq = _bq(q)
-    grid = (triton.cdiv(m, bm), triton.cdiv(q, bq))
-    _rows_kernel[grid](x, y, c, scale if scale is not None else c, m, q, kd, x.stride(0), yk_stride, yq_stride,
-                       c.stride(0), _i32(key), keep_threshold(p), keep_scale(p), DROPOUT=p > 0,
-                       COL_SCALE=scale is not None, BM=bm, BQ=bq, BK=bk, DOT_F32=arch in ("fp32", "interp"),
-                       num_warps=warps, num_stages=stages)
+    kern, (bm, bk, warps, stages) = _select(_ROWS, "rows", arch, x_ptr=x, y_ptr=y, KD=kd, stride_xm=x.stride(0),
+                                            stride_yq=yq_stride)
+    bq = 16 if q <= 16 else 64  # the rank side of the tile
+    kern[(triton.cdiv(m, bm), triton.cdiv(q, bq))](
+        x, y, c, scale if scale is not None else c, m, q, kd, x.stride(0), yk_stride, yq_stride, c.stride(0),
+        _i32(key), keep_threshold(p), keep_scale(p), DROPOUT=p > 0, COL_SCALE=scale is not None, BM=bm, BQ=bq,
+        BK=bk, DOT_F32=arch in ("fp32", "interp"), num_warps=warps, num_stages=stages)
 
 
 def _tn(lhs, rhs, out_pq_strides, out, scale=None, key=0, p=0.0):
     """out[P, Q] (given by its strides) = drop(lhs)^T @ (rhs * scale) over the M rows; returns out."""
     m, pdim, qdim = lhs.shape[0], lhs.shape[1], rhs.shape[1]
     arch = _arch(lhs)
-    bp, bm, warps, stages = _SKINNY[arch]
-    bq = _bq(qdim)
+    # c_ptr: out, or a fresh (aligned) fp32 buffer of split-M partials
+    kern, (bp, bm, warps, stages) = _select(_TN, "tn", arch, l_ptr=lhs, c_ptr=out, P=pdim, stride_lm=lhs.stride(0))
+    bq = 16 if qdim <= 16 else 64
     tiles = triton.cdiv(pdim, bp) * triton.cdiv(qdim, bq)
     sms = 132 if arch == "sm90" else 108
     split = 1 if arch == "interp" else max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(m, 4 * bm)))
@@ -233,7 +249,7 @@ def _tn(lhs, rhs, out_pq_strides, out, scale=None, key=0, p=0.0):
     split = triton.cdiv(max(m, 1), m_per)
     dst = out if split == 1 else torch.empty((split, out.numel()), dtype=torch.float32, device=out.device)
     cs = 0 if split == 1 else dst.stride(0)
-    _tn_kernel[(triton.cdiv(pdim, bp), triton.cdiv(qdim, bq), split)](
+    kern[(triton.cdiv(pdim, bp), triton.cdiv(qdim, bq), split)](
         lhs, rhs, scale if scale is not None else rhs, dst, m, pdim, qdim, m_per, lhs.stride(0), rhs.stride(0),
         cs, out_pq_strides[0], out_pq_strides[1], _i32(key), keep_threshold(p), keep_scale(p),
         DROPOUT=p > 0, COL_SCALE=scale is not None, BP=bp, BQ=bq, BM=bm, DOT_F32=arch in ("fp32", "interp"),
@@ -284,7 +300,6 @@ def lora_linear_fwd(x, weights, biases, bias_layer, lora_a, lora_b, layer, scali
                 _rows(x, lora_a[k], xa[:, offs[k]:offs[k + 1]], None, 1, lora_a[k].stride(0), keys[k], dropout_p[k])
     ys = []
     arch = _arch(x)
-    bm, bn, bk, warps, stages = _BIG[arch]
     for li, w in enumerate(weights):
         n_out, k_in = w.shape
         runs = [(lo, hi) for lo, hi in by_layer if layer[lo] == li and offs[hi] > offs[lo]]
@@ -298,14 +313,16 @@ def lora_linear_fwd(x, weights, biases, bias_layer, lora_a, lora_b, layer, scali
         b_cat = _cat([lora_b[k] for k in ks], 1) if ks else w
         scale = (torch.cat([_colscale(scaling, lora_a, k, k + 1, x.device) for k in ks]) if ks
                  else torch.empty(0, dtype=torch.float32, device=x.device))
-        bias = biases[bias_layer.index(li)] if li in bias_layer else None
+        bias = biases[bias_layer.index(li)] if li in bias_layer else w  # w: not read (HAS_BIAS False)
         y = x.new_empty((m, n_out))
         if m > 0 and n_out > 0:
-            grid = (triton.cdiv(m, bm) * triton.cdiv(n_out, bn),)
-            _fwd_kernel[grid](x, w, bias if bias is not None else w, xa_l, b_cat, scale, y, m, n_out, k_in, r_l,
-                              x.stride(0), w.stride(0), xa_l.stride(0), b_cat.stride(0), y.stride(0),
-                              HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, BR=BR, GROUP_M=GROUP_M,
-                              DOT_F32=arch in ("fp32", "interp"), num_warps=warps, num_stages=stages)
+            kern, (bm, bn, bk, warps, stages) = _select(_FWD, "fwd", arch, x_ptr=x, w_ptr=w, bias_ptr=bias, y_ptr=y,
+                                                        N=n_out, K=k_in, stride_xm=x.stride(0),
+                                                        stride_wn=w.stride(0), stride_ym=y.stride(0))
+            kern[(triton.cdiv(m, bm) * triton.cdiv(n_out, bn),)](
+                x, w, bias, xa_l, b_cat, scale, y, m, n_out, k_in, r_l, x.stride(0), w.stride(0), xa_l.stride(0),
+                b_cat.stride(0), y.stride(0), HAS_BIAS=li in bias_layer, BM=bm, BN=bn, BK=bk, BR=BR,
+                GROUP_M=GROUP_M, DOT_F32=arch in ("fp32", "interp"), num_warps=warps, num_stages=stages)
         ys.append(y)
     return ys, xa
 
@@ -363,13 +380,16 @@ def lora_linear_bwd(dys, x, weights, lora_a, lora_b, xa, layer, scaling, dropout
         scale_t = torch.tensor(seg_scale or [1.0], dtype=torch.float32).to(x.device, non_blocking=True)
         a_cat = _cat(list(lora_a), 0) if n_ad else x.new_empty((0, k_in))
         arch = _arch(x)
-        bm, bk, bn, warps, stages = _BIG[arch]
         if m > 0 and k_in > 0:
             for li, (dy, w) in enumerate(zip(dys, weights)):
                 lora = li == 0 and bool(segs)
-                _dx_kernel[(triton.cdiv(m, bm) * triton.cdiv(k_in, bk),)](
+                stride_am = max(a_cat.stride(0), 1)
+                kern, (bm, bk, bn, warps, stages) = _select(
+                    _DX, "dx", arch, dy_ptr=dy, w_ptr=w, a_ptr=a_cat, dx_ptr=dx, N=w.shape[0], K=k_in,
+                    stride_dym=dy.stride(0), stride_wn=w.stride(0), stride_am=stride_am, stride_dxm=dx.stride(0))
+                kern[(triton.cdiv(m, bm) * triton.cdiv(k_in, bk),)](
                     dy, w, g, a_cat, seg_t, scale_t, dx, m, w.shape[0], k_in, len(segs), dy.stride(0), w.stride(0),
-                    g.stride(0), max(a_cat.stride(0), 1), dx.stride(0), ACCUM=li > 0, HAS_LORA=lora,
+                    g.stride(0), stride_am, dx.stride(0), ACCUM=li > 0, HAS_LORA=lora,
                     HAS_DROP=lora and any(d > 0 for d in dropout_p), BM=bm, BK=bk, BN=bn, BR=BR, GROUP_M=GROUP_M,
                     DOT_F32=arch in ("fp32", "interp"), num_warps=warps, num_stages=stages)
         elif m > 0:
@@ -377,49 +397,50 @@ def lora_linear_bwd(dys, x, weights, lora_a, lora_b, xa, layer, scaling, dropout
     return dx, d_a, d_b
 
 
+# ---- ahead-of-time compile specs: every GPU launch of the launchers above on sm_80 / sm_90, in both the aligned
+# and the unaligned specialisation; a launch both archs make with the same config is listed once ------------------
+_TILE = {"fwd": ("BM", "BN", "BK"), "dx": ("BM", "BK", "BN"), "rows": ("BM", "BK"), "tn": ("BP", "BM")}
 
-# ---- ahead-of-time compile specs: every 16-bit variant the launcher produces on sm_80 / sm_90 -------------
+
 def _aot_specs() -> list:
-    specs = []
-    i32, f32p = "i32", "*fp32"
-    for dt in ("fp16", "bf16"):
-        t = "*" + dt
-        for arch in ("sm80", "sm90"):
-            bm, bn, bk, warps, stages = _BIG[arch]
-            opts = {"num_warps": warps, "num_stages": stages}
-            for has_bias in (True, False):
-                sig = dict(x_ptr=t, w_ptr=t, bias_ptr=t, xa_ptr=t, b_ptr=t, scale_ptr=f32p, y_ptr=t, M=i32, N=i32,
-                           K=i32, R=i32, stride_xm=i32, stride_wn=i32, stride_xam=i32, stride_bn=i32, stride_ym=i32)
-                ce = dict(HAS_BIAS=has_bias, BM=bm, BN=bn, BK=bk, BR=BR, GROUP_M=GROUP_M, DOT_F32=False)
-                specs.append(AotSpec(_fwd_kernel, {**sig, **{k: "constexpr" for k in ce}}, ce,
-                                     f"fwd {dt} {arch} tile {bm}x{bn}x{bk} bias={has_bias}", opts))
-            for accum, lora, drop in ((False, True, False), (False, True, True), (True, False, False)):
-                sig = dict(dy_ptr=t, w_ptr=t, g_ptr=t, a_ptr=t, seg_ptr="*i32", seg_scale_ptr=f32p, dx_ptr=t,
-                           M=i32, N=i32, K=i32, n_seg=i32, stride_dym=i32, stride_wn=i32, stride_gm=i32,
-                           stride_am=i32, stride_dxm=i32)
-                ce = dict(ACCUM=accum, HAS_LORA=lora, HAS_DROP=drop, BM=bm, BK=bn, BN=bk, BR=BR, GROUP_M=GROUP_M,
-                          DOT_F32=False)
-                specs.append(AotSpec(_dx_kernel, {**sig, **{k: "constexpr" for k in ce}}, ce,
-                                     f"dx {dt} {arch} tile {bm}x{bn}x{bk} acc={accum} lora={lora} drop={drop}",
-                                     opts))
-        bm, bk, warps, stages = _SKINNY["sm90"]  # same skinny tiles on sm_80 and sm_90
-        opts = {"num_warps": warps, "num_stages": stages}
+    found = {}
+
+    def add(pair, kind, variant, types, ones=(), **fixed):
+        for aligned in (True, False):
+            for arch in ("sm80", "sm90"):
+                f32 = types[pair.args[0]] == "*fp32"  # fp32 inputs: the "fp32" config
+                *tile, warps, stages = _CFG[kind]["fp32" if f32 else (arch, aligned)]
+                ce = {**dict(zip(_TILE[kind], tile)), **fixed, "DOT_F32": f32}
+                key = (pair, variant, tuple(tile), warps, stages, aligned)
+                found.setdefault(key, [types, ce, ones, []])[-1].append(arch)
+
+    for dt in ("fp16", "bf16", "fp32"):
+        t, f32 = "*" + dt, "*fp32"
+        for bias in (True, False):
+            add(_FWD, "fwd", f"fwd {dt} bias={bias}", dict.fromkeys(_FWD.args[:7], t) | {"scale_ptr": f32},
+                HAS_BIAS=bias, BR=BR, GROUP_M=GROUP_M)
+        for acc, lora, drop in ((False, True, False), (False, True, True), (True, False, False),
+                                (False, False, False)):
+            add(_DX, "dx", f"dx {dt} acc={acc} lora={lora} drop={drop}",
+                dict.fromkeys(_DX.args[:7], t) | {"seg_ptr": "*i32", "seg_scale_ptr": f32},
+                ACCUM=acc, HAS_LORA=lora, HAS_DROP=drop, BR=BR, GROUP_M=GROUP_M)
         for bq in (16, 64):
-            for drop, colscale in ((False, False), (True, False), (False, True)):
-                sig = dict(x_ptr=t, y_ptr=t, c_ptr=t, scale_ptr=f32p, M=i32, Q=i32, KD=i32, stride_xm=i32,
-                           stride_yk=i32, stride_yq=i32, stride_cm=i32, key=i32, thresh=i32, drop_scale="fp32")
-                ce = dict(DROPOUT=drop, COL_SCALE=colscale, BM=bm, BQ=bq, BK=bk, DOT_F32=False)
-                specs.append(AotSpec(_rows_kernel, {**sig, **{k: "constexpr" for k in ce}}, ce,
-                                     f"rows {dt} tile {bm}x{bq}x{bk} drop={drop} colscale={colscale}", opts))
-                for out in ("fp32", dt):  # split-M partials / direct
-                    sig = dict(l_ptr=t, r_ptr=t, scale_ptr=f32p, c_ptr="*" + out, M=i32, P=i32, Q=i32,
-                               m_per_split=i32, stride_lm=i32, stride_rm=i32, stride_cs=i32, stride_cp=i32,
-                               stride_cq=i32, key=i32, thresh=i32, drop_scale="fp32")
-                    ce = dict(DROPOUT=drop, COL_SCALE=colscale, BP=bm, BQ=bq, BM=bk, DOT_F32=False)
-                    specs.append(AotSpec(_tn_kernel, {**sig, **{k: "constexpr" for k in ce}}, ce,
-                                         f"tn {dt}->{out} tile {bm}x{bq}x{bk} drop={drop} colscale={colscale}",
-                                         opts))
-    return specs
+            # xa = drop(x) A^T (y = A: stride_yk 1), g = (dy B) * s (y = B: stride_yq 1); no scale: c passed
+            for drop, colscale, one in ((False, False, "stride_yk"), (True, False, "stride_yk"),
+                                        (False, True, "stride_yq")):
+                add(_ROWS, "rows", f"rows {dt} bq={bq} drop={drop} colscale={colscale} {one}=1",
+                    dict.fromkeys(_ROWS.args[:4], t) | {"scale_ptr": f32 if colscale else t, "drop_scale": "fp32"},
+                    (one,), DROPOUT=drop, COL_SCALE=colscale, BQ=bq)
+            # dB = dy^T (xa * s) (c [N, r]: stride_cq 1), dA^T = drop(x)^T g (c [r, K]: stride_cp 1); split-M: fp32
+            for drop, colscale, one in ((False, True, "stride_cq"), (False, False, "stride_cp"),
+                                        (True, False, "stride_cp")):
+                for out in dict.fromkeys(("fp32", dt)):
+                    add(_TN, "tn", f"tn {dt}->{out} bq={bq} drop={drop} colscale={colscale} {one}=1",
+                        {"l_ptr": t, "r_ptr": t, "scale_ptr": f32 if colscale else t, "c_ptr": "*" + out,
+                         "drop_scale": "fp32"}, (one,), DROPOUT=drop, COL_SCALE=colscale, BQ=bq)
+    return [pair.spec(types, ce, f"{variant} {'+'.join(archs)} {'x'.join(map(str, tile))} w{warps}s{stages}",
+                      {"num_warps": warps, "num_stages": stages}, aligned, ones)
+            for (pair, variant, tile, warps, stages, aligned), (types, ce, ones, archs) in found.items()]
 
 
 AOT_SPECS = _aot_specs()
