@@ -25,6 +25,8 @@ Model level (``--part model``): ``FisherEstimator.estimate`` over the LoRA facto
 down) of SmolLM2-135M (offline copy; ``tiny`` Llama fallback) on ``--batches`` batches of ``--batch`` x
 ``--seq`` tokens, against the batched Avalanche way (per batch: zero_grad, mean loss, backward, F += grad^2)
 and the per-sample loop (one backward per sample: the exact per-sample Fisher without fused kernels).
+``forgetkern-sample-patched`` runs the estimator on a copy patched by ``forgetkern.patch``, where the LoRA
+Fisher is added by the fused op's backward.
 """
 
 from __future__ import annotations
@@ -215,8 +217,16 @@ def bench_model(res, args) -> None:
     nparams = sum(model.get_parameter(n).numel() for n in names)
     mode = f"{label} LoRA r=16 B={args.batch} T={args.seq} x{args.batches}"
     log(f"-- model: {mode}, {nparams:,} LoRA parameters")
+    import copy
+
+    import forgetkern
+
+    patched = copy.deepcopy(model)
+    forgetkern.patch(patched)  # the LoRA Fisher then rides on the fused op's backward (LoraFisher)
     providers = {
         "forgetkern-sample": lambda: FisherEstimator(model, params="lora").estimate(batches, progress=False),
+        "forgetkern-sample-patched": lambda: FisherEstimator(patched, params="lora").estimate(
+            batches, progress=False),
         "forgetkern-batch": lambda: FisherEstimator(model, params="lora", granularity="batch").estimate(
             batches, progress=False),
         "avalanche-batched": lambda: _avalanche(model, batches, names),
@@ -224,6 +234,9 @@ def bench_model(res, args) -> None:
     if args.per_sample_loop:
         providers["per-sample-loop"] = lambda: _per_sample_loop(model, batches, names)
     out = {k: fn() for k, fn in providers.items()}  # warm-up + correctness
+    for k in names:
+        torch.testing.assert_close(out["forgetkern-sample-patched"][k], out["forgetkern-sample"][k], rtol=1e-4,
+                                   atol=1e-4 * float(out["forgetkern-sample"][k].abs().max()))
     if "per-sample-loop" in out:
         for k in names:
             torch.testing.assert_close(out["forgetkern-sample"][k], out["per-sample-loop"][k], rtol=2e-3,

@@ -23,7 +23,7 @@ from forgetkern.ops.linear_persample_sq_grad import (
     linear_persample_sq_grad_,
     lora_persample_sq_grad_,
 )
-from forgetkern.ops.lora_linear import LoraAdapter, lora_linear, lora_linear_siblings
+from forgetkern.ops.lora_linear import LoraAdapter, LoraFisher, lora_linear, lora_linear_siblings
 from forgetkern.patching import PatchReport, is_patched, patch, unpatch
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "is_patched",
     "PatchReport",
     "LoraAdapter",
+    "LoraFisher",
     "lora_linear",
     "lora_linear_siblings",
     "fisher_accumulate_",

@@ -5,6 +5,16 @@ included) or of a Hugging Face ``Conv1D``, is used by that module only (no weigh
 once per forward. The forward hook keeps the module's input ``x``; a hook on the output tensor receives
 ``g = dL/dy`` during the backward and calls :func:`forgetkern.ops.linear_persample_sq_grad.linear_persample_sq_grad_`
 right away, so no per-sample gradient and no ``g`` outlives the layer's backward.
+
+A LoRA layer patched by :func:`forgetkern.patch` runs the fused op, not its ``lora_A`` / ``lora_B`` modules:
+its adapters' factors are served by a :class:`forgetkern.LoraFisher` sink handed to the op's backward
+(:class:`LoraTap`), which reuses the forward's rank-r product ``x A^T``. Hooking the inner modules instead
+would send every call back to PEFT's forward.
+
+A layer counts its gradients per backward, not its forward calls: with gradient checkpointing a layer runs
+twice (the first forward without a graph, or with one that the backward never reaches) and receives one
+gradient, which is fine; a layer that truly contributes twice to one loss (weight sharing) is refused at
+``granularity="sample"``.
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ import torch
 
 from forgetkern.ops.linear_persample_sq_grad import bias_persample_sq_grad_, linear_persample_sq_grad_
 
+_STATE_ATTR = "_forgetkern_state"  # forgetkern.patching.lora.STATE_ATTR: marks a patched PEFT lora.Linear
+
 
 @dataclasses.dataclass
 class FusedLayer:
@@ -25,7 +37,19 @@ class FusedLayer:
     transposed: bool              # Conv1D: weight is [in, out], y = x W + b
     weight: Optional[str]         # parameter names handled here (None: not requested)
     bias: Optional[str]
-    calls: int = 0
+    grads: int = 0                # output gradients received in the current backward
+
+
+@dataclasses.dataclass
+class LoraTap:
+    """One adapter of a patched LoRA layer: its factors' Fisher comes from the fused op's backward."""
+    name: str
+    module: torch.nn.Module       # the patched PEFT lora.Linear
+    adapter: str
+    lora_a: Optional[str]         # parameter names (None: not requested)
+    lora_b: Optional[str]
+    lora_bias: Optional[str]
+    sink: object = None           # forgetkern.LoraFisher while attached
 
 
 def _kind(module: torch.nn.Module) -> Optional[bool]:
@@ -44,16 +68,32 @@ def plan(model: torch.nn.Module, chosen: Dict[str, torch.nn.Parameter]) -> Tuple
         for _, p in mod.named_parameters(recurse=False):
             uses[id(p)] += 1
     name_of = {id(p): n for n, p in chosen.items()}
-    layers, covered = [], set()
+    layers, covered, tapped = [], set(), set()
+
+    def own(p) -> Optional[str]:
+        ok = isinstance(p, torch.Tensor) and id(p) in name_of and uses[id(p)] == 1
+        return name_of[id(p)] if ok else None
+
     for mname, mod in model.named_modules():
+        if _STATE_ATTR not in mod.__dict__:
+            continue
+        base = mod.base_layer
+        if own(getattr(base, "weight", None)) or own(getattr(base, "bias", None)):
+            continue  # the fused op never computes the base weight's gradient: hooks below, PEFT's path
+        for ad in sorted(set(mod.lora_A.keys()) & set(mod.lora_B.keys())):
+            a, b = mod.lora_A[ad], mod.lora_B[ad]
+            names = (own(a.weight), own(b.weight), own(b.bias))
+            if any(names):
+                layers.append(LoraTap(f"{mname}[{ad}]", mod, ad, *names))
+                covered.update(n for n in names if n)
+                tapped.update((id(a), id(b)))
+    for mname, mod in model.named_modules():
+        if id(mod) in tapped:
+            continue
         kind = _kind(mod)
         if kind is None:
             continue
-        names = []
-        for attr in ("weight", "bias"):
-            p = getattr(mod, attr, None)
-            ok = isinstance(p, torch.Tensor) and id(p) in name_of and uses[id(p)] == 1
-            names.append(name_of[id(p)] if ok else None)
+        names = [own(getattr(mod, "weight", None)), own(getattr(mod, "bias", None))]
         if names[0] or names[1]:
             layers.append(FusedLayer(mname, mod, kind, names[0], names[1]))
             covered.update(n for n in names if n)
@@ -67,7 +107,7 @@ class Capture:
                  flags: Dict[str, torch.Tensor], token_level: bool):
         self.model, self.layers, self.sums, self.flags = model, layers, sums, flags
         self.token_level = token_level
-        self.active = False
+        self._active = False
         self.n = 0
         self.mask: Optional[torch.Tensor] = None
         self.outputs: List[torch.Tensor] = []
@@ -76,7 +116,19 @@ class Capture:
 
     # ---- lifetime ------------------------------------------------------------------------------------------
     def attach(self) -> None:
+        from forgetkern.ops.lora_linear import LoraFisher
+
         for layer in self.layers:
+            if isinstance(layer, LoraTap):
+                def get(n):
+                    return None if n is None else self.sums[n]
+
+                layer.sink = LoraFisher(get(layer.lora_a), get(layer.lora_b), get(layer.lora_bias),
+                                        granularity="token" if self.token_level else "sample")
+                layer.sink.active = False
+                layer.module.__dict__[_STATE_ATTR].fisher[layer.adapter] = layer.sink
+                self._handles.append(layer.module.register_forward_hook(self._output_hook))
+                continue
             self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
         emb = None
         if hasattr(self.model, "get_input_embeddings"):
@@ -92,6 +144,12 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for layer in self.layers:
+            if isinstance(layer, LoraTap) and layer.sink is not None:
+                state = layer.module.__dict__.get(_STATE_ATTR)
+                if state is not None and state.fisher.get(layer.adapter) is layer.sink:
+                    del state.fisher[layer.adapter]
+                layer.sink = None
         self.outputs.clear()
         self.sink = None
 
@@ -99,8 +157,28 @@ class Capture:
         self.n, self.mask = n, None if mask is None else mask.to(torch.bool)
         self.outputs.clear()
         self.sink = None
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @active.setter
+    def active(self, on: bool) -> None:
+        """On: a backward of the summed per-sample losses starts (count gradients afresh, hand the sinks this
+        batch's sample count and mask). Off: it ended (collect the sinks' non-finite flags)."""
+        self._active = bool(on)
         for layer in self.layers:
-            layer.calls = 0
+            if isinstance(layer, LoraTap):
+                sink = layer.sink
+                sink.active, sink.grads = self._active, 0
+                sink.samples, sink.mask = self.n, self.mask
+                if not on and sink.found is not None:
+                    for n in (layer.lora_a, layer.lora_b, layer.lora_bias):
+                        if n:
+                            self._flag(n, sink.found)
+                    sink.found = None
+            else:
+                layer.grads = 0
 
     def grad_targets(self) -> List[torch.Tensor]:
         """Tensors to differentiate the loss against so that every fused output receives its gradient but no
@@ -119,13 +197,13 @@ class Capture:
         self.sink = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
         return out + self.sink
 
+    def _output_hook(self, module, args, out):
+        if self.sink is None and isinstance(out, torch.Tensor) and out.requires_grad:
+            self.outputs.append(out)
+        return None
+
     def _forward_hook(self, layer: FusedLayer):
         def hook(module, args, out):
-            layer.calls += 1
-            if layer.calls > 1 and not self.token_level:
-                raise RuntimeError(f"FisherEstimator: module {layer.name!r} ran {layer.calls} times in one "
-                                   f"forward; its per-sample gradient is a sum over the calls, which the fused "
-                                   f"path does not combine: use granularity='token' or exclude it")
             if not (isinstance(out, torch.Tensor) and out.requires_grad) or not args:
                 return None
             x = args[0].detach()
@@ -139,6 +217,12 @@ class Capture:
     def _on_grad(self, layer: FusedLayer, x: torch.Tensor, g: torch.Tensor) -> None:
         if not self.active:
             return
+        layer.grads += 1
+        if layer.grads > 1 and not self.token_level:
+            raise RuntimeError(f"FisherEstimator: module {layer.name!r} received {layer.grads} output gradients "
+                               f"in one backward (it ran several times, e.g. weight sharing); its per-sample "
+                               f"gradient is a sum over the calls, which the fused path does not combine: use "
+                               f"granularity='token' or exclude it")
         x3, g3, mask = self._shape(layer, x, g)
         if x3.dtype != g3.dtype:
             x3, g3 = x3.float(), g3.float()

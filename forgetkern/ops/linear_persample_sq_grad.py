@@ -156,7 +156,7 @@ def bias_persample_sq_grad_(fisher: torch.Tensor, grad_out: torch.Tensor, *, sca
     return ref(fisher_, x, g, m, scale, token)
 
 
-def lora_persample_sq_grad_(fisher_a: torch.Tensor, fisher_b: torch.Tensor, x: torch.Tensor,
+def lora_persample_sq_grad_(fisher_a: Optional[torch.Tensor], fisher_b: Optional[torch.Tensor], x: torch.Tensor,
                             grad_out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *,
                             scaling: float, scale: float = 1.0, mask: Optional[torch.Tensor] = None,
                             granularity: str = "sample", xa: Optional[torch.Tensor] = None,
@@ -174,15 +174,22 @@ def lora_persample_sq_grad_(fisher_a: torch.Tensor, fisher_b: torch.Tensor, x: t
     backward computes it for dA: pass it as ``gb``); the missing ones are computed here. A LoRA backward that
     already holds ``U`` and ``V`` adds the Fisher at the cost of two GEMMs over the tokens and no extra pass.
     ``granularity``, ``mask`` and the returned flag (max of both) are as in :func:`linear_persample_sq_grad_`.
+    Either Fisher may be ``None`` (that factor is skipped). :func:`forgetkern.lora_linear` calls this from its
+    backward for an adapter given a :class:`forgetkern.LoraFisher` (``xa`` from its forward).
     """
     op = "lora_persample_sq_grad_"
     scaling = _validate.check_float(op, "scaling", scaling)
     scale = _validate.check_float(op, "scale", scale)
+    if fisher_a is None and fisher_b is None:
+        raise ValueError(f"forgetkern.{op}: fisher_a and fisher_b are both None; pass at least one")
     x3, g3 = _as_3d(op, "x", x), _as_3d(op, "grad_out", grad_out)
-    with torch.no_grad():
-        u = (x3 @ lora_a.detach().to(x3.dtype).t()) if xa is None else _as_3d(op, "xa", xa)
-        v = (g3 @ lora_b.detach().to(g3.dtype)) if gb is None else _as_3d(op, "gb", gb)
     s2 = scale * scaling * scaling
-    found_b = linear_persample_sq_grad_(fisher_b, u, g3, scale=s2, mask=mask, granularity=granularity)
-    found_a = linear_persample_sq_grad_(fisher_a, x3, v, scale=s2, mask=mask, granularity=granularity)
-    return torch.maximum(found_a, found_b)
+    found = []
+    with torch.no_grad():
+        if fisher_b is not None:
+            u = (x3 @ lora_a.detach().to(x3.dtype).t()) if xa is None else _as_3d(op, "xa", xa)
+            found.append(linear_persample_sq_grad_(fisher_b, u, g3, scale=s2, mask=mask, granularity=granularity))
+        if fisher_a is not None:
+            v = (g3 @ lora_b.detach().to(g3.dtype)) if gb is None else _as_3d(op, "gb", gb)
+            found.append(linear_persample_sq_grad_(fisher_a, x3, v, scale=s2, mask=mask, granularity=granularity))
+    return found[0] if len(found) == 1 else torch.maximum(found[0], found[1])

@@ -19,6 +19,11 @@ Public API::
 * All tensors must share one dtype (float32/float16/bfloat16; float64 runs on the reference backend) and one
   device. Under autocast, cast at the module level first (PEFT casts ``x`` to ``lora_A.weight.dtype``).
 
+Fisher option: an adapter given ``fisher=LoraFisher(...)`` has the squared per-sample gradients of its
+factors added to the sink's buffers by the backward (:func:`forgetkern.lora_persample_sq_grad_` with the
+forward's ``xa`` and the output gradient: no extra forward or backward, two rank-r GEMMs over the tokens).
+:class:`forgetkern.FisherEstimator` uses it on patched models.
+
 ``lora_linear_siblings`` serves layers that read the same ``x`` (q/k/v, gate/up): the adapters without
 active dropout compute ``x [A_q | A_k | A_v]^T`` in ONE GEMM and their ``dx`` contributions
 ``[g_q | g_k | g_v] [A_q; A_k; A_v]`` in ONE GEMM. An adapter with active dropout gets its own GEMMs:
@@ -28,16 +33,89 @@ independent dropout masks make the inputs ``drop_q(x)``, ``drop_k(x)`` differ, s
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from forgetkern import _backend
-from forgetkern.reference.lora_linear import dropout_keys
+from forgetkern.reference.lora_linear import dropout_keys, dropped
 
 OP = "lora_linear"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class LoraFisher:
+    """Where the backward of :func:`lora_linear` adds one adapter's per-sample squared gradients.
+
+    ``fisher_a`` [r, in], ``fisher_b`` [out, r], ``fisher_bias`` [out] (the ``lora_bias``): state buffers
+    (float32, bfloat16 or float64; any may be None), updated in place by every backward while ``active``.
+    The rows of ``x`` [..., in] are grouped into samples by their leading dimension, which must be
+    ``samples`` (``x`` [N, T, in]); ``granularity="token"`` counts every row on its own. ``mask`` [N, T]
+    selects the tokens that count; ``scale`` multiplies the sum. ``found`` is the running 0-dim non-finite
+    flag (None until a backward ran) and ``grads`` counts the gradients received since the last reset: with
+    ``granularity="sample"`` a second one in the same backward (the layer ran twice) raises, as a sample's
+    gradient would then be a sum over the calls.
+    """
+
+    __slots__ = ("fisher_a", "fisher_b", "fisher_bias", "samples", "mask", "scale", "granularity", "active",
+                 "found", "grads")
+
+    def __init__(self, fisher_a: Optional[Tensor] = None, fisher_b: Optional[Tensor] = None,
+                 fisher_bias: Optional[Tensor] = None, *, samples: Optional[int] = None,
+                 mask: Optional[Tensor] = None, scale: float = 1.0, granularity: str = "sample"):
+        if fisher_a is None and fisher_b is None and fisher_bias is None:
+            raise ValueError("forgetkern.LoraFisher: fisher_a, fisher_b and fisher_bias are all None")
+        if granularity not in ("sample", "token"):
+            raise ValueError(f"forgetkern.LoraFisher: granularity must be 'sample' or 'token', got {granularity!r}")
+        self.fisher_a, self.fisher_b, self.fisher_bias = fisher_a, fisher_b, fisher_bias
+        self.samples, self.mask, self.scale, self.granularity = samples, mask, float(scale), granularity
+        self.active, self.found, self.grads = True, None, 0
+
+    def _group(self, x2: Tensor, g: Tensor, lead: tuple):
+        """``(x3, g3, mask)``: the rows as [N, T, .] samples (token: [M, 1, .])."""
+        if self.granularity == "token":
+            m = self.mask
+            m = m.reshape(-1, 1) if m is not None and tuple(m.shape) == tuple(lead) else None
+            return x2.unsqueeze(1), g.unsqueeze(1), m
+        n = self.samples
+        if len(lead) < 2 or n is None or lead[0] != n:
+            raise RuntimeError(f"forgetkern.LoraFisher: x has leading shape {tuple(lead)}, whose first dimension "
+                               f"is not the number of samples {n}; per-sample attribution needs x [N, T, in] "
+                               f"(use granularity='token')")
+        m = self.mask if self.mask is not None and tuple(self.mask.shape) == (n, x2.shape[0] // n) else None
+        return x2.view(n, -1, x2.shape[1]), g.view(n, -1, g.shape[1]), m
+
+    def _record(self, found: Tensor) -> None:
+        self.found = found if self.found is None else torch.maximum(self.found, found)
+
+
+def _fisher_hook(sink: LoraFisher, x2: Tensor, xa: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                 p: float, key: int, lead: tuple, g: Tensor) -> None:
+    """Tensor hook on a layer output: adds the adapter's per-sample squared gradients into ``sink``."""
+    if not sink.active:
+        return None
+    sink.grads += 1
+    if sink.grads > 1 and sink.granularity == "sample":
+        raise RuntimeError("forgetkern.LoraFisher: the layer received a second output gradient in one backward "
+                           "(it ran twice, e.g. weight sharing); its per-sample gradient is a sum over the "
+                           "calls, which is not combined: use granularity='token'")
+    from forgetkern.ops.linear_persample_sq_grad import bias_persample_sq_grad_, lora_persample_sq_grad_
+
+    with torch.no_grad():
+        g = g.reshape(-1, g.shape[-1])
+        xk = dropped(x2, key, p) if p > 0.0 else x2
+        x3, g3, mask = sink._group(xk, g.contiguous(), lead)
+        if sink.fisher_a is not None or sink.fisher_b is not None:
+            xa3 = xa.reshape(x3.shape[0], x3.shape[1], xa.shape[1])
+            sink._record(lora_persample_sq_grad_(sink.fisher_a, sink.fisher_b, x3, g3, lora_a, lora_b,
+                                                 scaling=scaling, scale=sink.scale, mask=mask,
+                                                 granularity=sink.granularity, xa=xa3))
+        if sink.fisher_bias is not None:
+            sink._record(bias_persample_sq_grad_(sink.fisher_bias, g3, scale=sink.scale * scaling * scaling,
+                                                 mask=mask, granularity=sink.granularity))
+    return None
 
 
 class LoraAdapter(NamedTuple):
@@ -46,6 +124,7 @@ class LoraAdapter(NamedTuple):
     scaling: float                      # PEFT lora_alpha / r (or alpha / sqrt(r) with rslora)
     dropout_p: float = 0.0
     lora_bias: Optional[Tensor] = None  # [out]     (PEFT lora_B.bias, scaled by ``scaling``)
+    fisher: Optional[LoraFisher] = None  # per-sample Fisher of this adapter's factors, added by the backward
 
 
 def _supported(x: Tensor) -> tuple:
@@ -149,10 +228,12 @@ class _EagerFn(torch.autograd.Function):
         ys, xa = _TORCH_FWD(x, weights, biases, bias_layer, lora_a, lora_b, layer, scaling, dropout_p, keys)
         ctx.save_for_backward(x, xa, *weights, *lora_a, *lora_b)  # as the custom op: in-place edits are caught
         ctx.meta = meta
-        return tuple(ys)
+        ctx.mark_non_differentiable(xa)
+        ctx.set_materialize_grads(False)
+        return (*ys, xa)
 
     @staticmethod
-    def backward(ctx, *dys):
+    def backward(ctx, *grads):
         n_l, n_b, n_ad, bias_layer, layer, scaling, dropout_p, keys = ctx.meta
         need = ctx.needs_input_grad
         need_dx = need[1]
@@ -161,7 +242,8 @@ class _EagerFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         x, xa, weights = saved[0], saved[1], list(saved[2:2 + n_l])
         lora_a, lora_b = list(saved[2 + n_l:2 + n_l + n_ad]), list(saved[2 + n_l + n_ad:])
-        dys = [d.contiguous() for d in dys]
+        dys = [torch.zeros((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device) if d is None
+               else d.contiguous() for d, w in zip(grads[:-1], weights)]
         dx, d_a, d_b = None, [None] * n_ad, [None] * n_ad
         if need_dx or need_da or need_db:
             dx, d_a, d_b = _TORCH_BWD(dys, x, weights, lora_a, lora_b, xa, layer, scaling, dropout_p,
@@ -212,6 +294,23 @@ def _check_tensor(t, name: str, ref: Tensor, shape: tuple) -> None:
         raise ValueError(_name(name, f" has shape {tuple(t.shape)}, expected {shape}"))
 
 
+def _check_fisher(sink, where: str, x: Tensor, shape_a: tuple, shape_b: tuple) -> None:
+    if not isinstance(sink, LoraFisher):
+        raise TypeError(_name(where, f".fisher must be a LoraFisher or None, got {type(sink).__name__}"))
+    for attr, shape in (("fisher_a", shape_a), ("fisher_b", shape_b), ("fisher_bias", shape_b[:1])):
+        t = getattr(sink, attr)
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(_name(where, f".fisher.{attr} must be a Tensor of shape {shape}, got {got}"))
+        if t.device != x.device:
+            raise ValueError(_name(where, f".fisher.{attr} is on {t.device} but x is on {x.device}"))
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float64):
+            raise TypeError(_name(where, f".fisher.{attr} has dtype {t.dtype}; expected float32, bfloat16 or "
+                                         f"float64 (float16 state overflows)"))
+
+
 def _check_layer(x: Tensor, weight, bias, adapters, li: Optional[int]):
     where = "" if li is None else f"[{li}]"
     k_in = x.shape[-1]
@@ -238,6 +337,8 @@ def _check_layer(x: Tensor, weight, bias, adapters, li: Optional[int]):
         _check_tensor(ad.lora_b, f"{w}.lora_b", x, (n_out, r))
         if ad.lora_bias is not None:
             _check_tensor(ad.lora_bias, f"{w}.lora_bias", x, (n_out,))
+        if ad.fisher is not None:
+            _check_fisher(ad.fisher, w, x, (r, k_in), (n_out, r))
         for attr in ("scaling", "dropout_p"):
             v = getattr(ad, attr)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
@@ -282,9 +383,12 @@ def _run(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]
     x2 = x.reshape(-1, x.shape[-1])
     x2 = x2 if x2.is_contiguous() else x2.contiguous()
     lora_a, lora_b, layer, scaling, dropout_p, bias_all, bias_layer = [], [], [], [], [], [], []
+    sinks = []
     for li, ads in enumerate(per_layer):
         bias = biases[li]
         for ad in ads:
+            if ad.fisher is not None:
+                sinks.append((len(lora_a), ad.fisher))
             lora_a.append(ad.lora_a.contiguous())
             lora_b.append(ad.lora_b.contiguous())
             layer.append(li)
@@ -304,11 +408,33 @@ def _run(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]
         # [in, out]) is used as it is, without a per-call copy
         weights = [w if w.is_contiguous() or w.t().is_contiguous() else w.contiguous() for w in weights]
         meta = (len(weights), len(bias_all), len(lora_a), bias_layer, layer, scaling, dropout_p, keys)
-        ys = _EagerFn.apply(meta, x2, *weights, *bias_all, *lora_a, *lora_b)
+        *ys, xa = _EagerFn.apply(meta, x2, *weights, *bias_all, *lora_a, *lora_b)
     else:
         weights = [w.contiguous() for w in weights]
-        ys, _ = _fwd_op(x2, weights, bias_all, bias_layer, lora_a, lora_b, layer, scaling, dropout_p, keys)
+        ys, xa = _fwd_op(x2, weights, bias_all, bias_layer, lora_a, lora_b, layer, scaling, dropout_p, keys)
+    if sinks and torch.is_grad_enabled():
+        _attach_fisher(sinks, ys, x2, xa, lead, lora_a, lora_b, layer, scaling, dropout_p, keys)
     return [y.view(*lead, y.shape[-1]) for y in ys]
+
+
+def _attach_fisher(sinks, ys, x2, xa, lead, lora_a, lora_b, layer, scaling, dropout_p, keys) -> None:
+    """Hooks adding each sink's per-sample Fisher when its layer's output gradient arrives (LoraFisher)."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError("forgetkern.lora_linear: a LoraFisher sink needs eager mode (it hooks the output "
+                           "gradient); run the Fisher estimation without torch.compile")
+    off = 0
+    offs = []
+    for a in lora_a:
+        offs.append(off)
+        off += a.shape[0]
+    x2, xa = x2.detach(), xa.detach()
+    for k, sink in sinks:
+        y = ys[layer[k]]
+        if not y.requires_grad:
+            continue
+        r = lora_a[k].shape[0]
+        y.register_hook(partial(_fisher_hook, sink, x2, xa[:, offs[k]:offs[k] + r], lora_a[k].detach(),
+                                lora_b[k].detach(), scaling[k], dropout_p[k], keys[k], tuple(lead)))
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[LoraAdapter], *,

@@ -113,6 +113,7 @@ class LayerState:
         self.originals = originals  # attr -> value it had in the instance __dict__ (absent: none)
         self.group = None  # SiblingGroup or None
         self.calls: collections.Counter = collections.Counter()
+        self.fisher: dict = {}  # adapter name -> LoraFisher sink (set by FisherEstimator while it estimates)
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -171,6 +172,7 @@ def plan_call(module, x, args, kwargs):
         return ("input and base weight on different devices", None)
     ac = _autocast_dtype(device.type)
     ops = _ops()
+    sinks = module._forgetkern_state.fisher
     adapters = []
     training = False
     for n in active:
@@ -189,8 +191,9 @@ def plan_call(module, x, args, kwargs):
             return (f"mixed dtypes: input {str(x.dtype)[6:]}, adapter {str(wa.dtype)[6:]}", None)
         if p > 0.0:
             training = True
+        fisher = sinks.get(n)
         adapters.append(ops.LoraAdapter(_ac_cast(wa, ac), _ac_cast(wb, ac), float(module.scaling[n]), p,
-                                        _ac_cast(bb, ac)))
+                                        _ac_cast(bb, ac), fisher))
     x_c, w_c, b_c = _ac_cast(x, ac), _ac_cast(weight, ac), _ac_cast(bias, ac)
     dt = x_c.dtype
     if w_c.dtype != dt or (b_c is not None and b_c.dtype != dt):
@@ -241,11 +244,19 @@ def _original_forward(module):
     return orig
 
 
+# PEFT-path calls in which no adapter contributes (so no LoRA gradient exists to be missed)
+_NO_LORA_GRADIENT = ("adapters disabled", "adapter weights merged", "no active adapter on this layer")
+
+
 def patched_forward(self, x, *args, **kwargs):
     """forgetkern's forward for a PEFT lora.Linear (falls back to PEFT's forward where it must)."""
     state: LayerState = self._forgetkern_state
     reason, plan = plan_call(self, x, args, kwargs)
     if reason is not None:
+        if state.fisher and reason not in _NO_LORA_GRADIENT:
+            raise RuntimeError(f"forgetkern: a Fisher estimation hooks the fused LoRA backward of {state.name!r}, "
+                               f"but this call has to run on PEFT's forward ({reason}), where the per-sample "
+                               f"Fisher would be missed; call forgetkern.unpatch(model) before estimating")
         state.calls["PEFT: " + reason] += 1
         return _original_forward(self)(x, *args, **kwargs)
     group = state.group
