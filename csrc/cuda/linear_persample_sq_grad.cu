@@ -21,17 +21,16 @@
 #include <type_traits>
 
 #include "forgetkern/linear_persample_sq_grad.h"
+#include "wmma_tile.cuh"
 
 namespace forgetkern {
 namespace {
 
+using cuda::WarpAcc;
+
 constexpr int BM = kPsgBM, BN = kPsgBN, BK = 32, THREADS = 128;
 constexpr int LDA = BM + 8, LDB = BN + 8, LDC = BN + 4;  // padded leading dims (multiples of 8 / 4 for WMMA)
 constexpr int FINISH_THREADS = 256;
-
-template <typename S> struct WmmaType;
-template <> struct WmmaType<fk_half> { using type = __half; };
-template <> struct WmmaType<fk_bf16> { using type = __nv_bfloat16; };
 
 // Stage the tiles of sample `n` at token t0 into shared memory (storage D: S for WMMA, float otherwise):
 //   as[k][i] = g[n, t0+k, row0+i]   (A = g^T, column-major: k-th column contiguous, like g in memory)
@@ -89,8 +88,6 @@ __device__ __forceinline__ void sample_range(const PsgArgs& a, int64_t* n0, int6
 
 template <typename S, typename F>
 __global__ void __launch_bounds__(THREADS) psg_wmma_kernel(const PsgArgs a) {
-  using T = typename WmmaType<S>::type;
-  namespace wm = nvcuda::wmma;
   __shared__ __align__(32) S as[BK * LDA];
   __shared__ __align__(32) S bs[BK * LDB];
   __shared__ __align__(32) float cs[BM * LDC];
@@ -99,40 +96,20 @@ __global__ void __launch_bounds__(THREADS) psg_wmma_kernel(const PsgArgs a) {
   const int64_t col0 = static_cast<int64_t>(blockIdx.x % ((a.d_in + BN - 1) / BN)) * BN;
   const int warp = threadIdx.x / 32;
   const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;  // this warp's 32x32 sub-tile
-  wm::fragment<wm::accumulator, 16, 16, 16, float> acc_f[2][2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wm::fill_fragment(acc_f[i][j], 0.0f);
+  WarpAcc acc_f[2][2];
+  cuda::warp_tile_zero(acc_f);
   bool ok = true;
   int64_t n0, n1;
   sample_range(a, &n0, &n1);
 #pragma unroll 1
   for (int64_t n = n0; n < n1; ++n) {
-    wm::fragment<wm::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wm::fill_fragment(acc[i][j], 0.0f);
+    WarpAcc acc[2][2];
+    cuda::warp_tile_zero(acc);
 #pragma unroll 1
     for (int64_t t0 = 0; t0 < a.t; t0 += BK) {
       stage<S, S, false>(a, n, t0, row0, col0, as, bs, keep);
       __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < BK; kk += 16) {
-        wm::fragment<wm::matrix_a, 16, 16, 16, T, wm::col_major> fa[2];
-        wm::fragment<wm::matrix_b, 16, 16, 16, T, wm::row_major> fb[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-          wm::load_matrix_sync(fa[i], reinterpret_cast<const T*>(as + kk * LDA + wr + i * 16), LDA);
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-          wm::load_matrix_sync(fb[j], reinterpret_cast<const T*>(bs + kk * LDB + wc + j * 16), LDB);
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int j = 0; j < 2; ++j) wm::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-      }
+      cuda::warp_tile_mma<BK, false>(acc, as, LDA, bs, LDB, wr, wc);
       __syncthreads();
     }
     // same fragment type, same element layout: square and accumulate element by element
@@ -144,11 +121,7 @@ __global__ void __launch_bounds__(THREADS) psg_wmma_kernel(const PsgArgs a) {
         for (int e = 0; e < acc[i][j].num_elements; ++e)
           ok &= psg_accumulate(acc_f[i][j].x[e], psg_contribution(acc[i][j].x[e], false));
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wm::store_matrix_sync(cs + (wr + i * 16) * LDC + wc + j * 16, acc_f[i][j], LDC, wm::mem_row_major);
+  cuda::warp_tile_store(cs, LDC, wr, wc, acc_f);
   __syncthreads();
 #pragma unroll 4
   for (int e = threadIdx.x; e < BM * BN; e += THREADS) {

@@ -19,16 +19,15 @@
 #include <type_traits>
 
 #include "forgetkern/lora_linear.h"
+#include "wmma_tile.cuh"
 
 namespace forgetkern {
 namespace {
 
+using cuda::WarpAcc;
+
 constexpr int BM = 64, BN = 64, BK = 32, THREADS = 128;
 constexpr int LDA = BK + 8, LDB = BN + 8, LDC = BN + 4;  // padded leading dims (multiples of 8 / 4 for WMMA)
-
-template <typename S> struct WmmaType;
-template <> struct WmmaType<fk_half> { using type = __half; };
-template <> struct WmmaType<fk_bf16> { using type = __nv_bfloat16; };
 
 template <typename S>
 __device__ __forceinline__ float load_f(const void* p, int64_t idx) {
@@ -75,42 +74,19 @@ __global__ void __launch_bounds__(THREADS, 1) lora_gemm_kernel(const LoraGemm g)
   const int t = threadIdx.x, warp = t / 32;
 
   if constexpr (kMma) {
-    using T = typename WmmaType<S>::type;
-    namespace wm = nvcuda::wmma;
-    wm::fragment<wm::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wm::fill_fragment(acc[i][j], 0.0f);
+    WarpAcc acc[2][2];
+    cuda::warp_tile_zero(acc);
     const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;  // this warp's 32x32 sub-tile
 #pragma unroll 1
     for (int s = 0; s < g.nseg; ++s) {
       for (int64_t k0 = 0; k0 < g.seg[s].k; k0 += BK) {
         stage<S>(g.seg[s], g.m, g.q, row0, col0, k0, as, bs);
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < BK; kk += 16) {
-          wm::fragment<wm::matrix_a, 16, 16, 16, T, wm::row_major> fa[2];
-          wm::fragment<wm::matrix_b, 16, 16, 16, T, wm::row_major> fb[2];
-#pragma unroll
-          for (int i = 0; i < 2; ++i)
-            wm::load_matrix_sync(fa[i], reinterpret_cast<const T*>(as + (wr + i * 16) * LDA + kk), LDA);
-#pragma unroll
-          for (int j = 0; j < 2; ++j)
-            wm::load_matrix_sync(fb[j], reinterpret_cast<const T*>(bs + kk * LDB + wc + j * 16), LDB);
-#pragma unroll
-          for (int i = 0; i < 2; ++i)
-#pragma unroll
-            for (int j = 0; j < 2; ++j) wm::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-        }
+        cuda::warp_tile_mma<BK, true>(acc, as, LDA, bs, LDB, wr, wc);
         __syncthreads();
       }
     }
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        wm::store_matrix_sync(cs + (wr + i * 16) * LDC + wc + j * 16, acc[i][j], LDC, wm::mem_row_major);
+    cuda::warp_tile_store(cs, LDC, wr, wc, acc);
   } else {
     float acc[4][8];
 #pragma unroll
