@@ -4,7 +4,8 @@ Every op exists up to four times:
 
 * ``torch``  - the pure-PyTorch reference (``forgetkern/reference``): the test oracle and the fallback that
   always works, on every device and dtype;
-* ``cpp``    - the CPU C++ extension (``forgetkern._C``, OpenMP);
+* ``cpp``    - the CPU C++ extension (``forgetkern._C``, OpenMP); for the ops of :data:`CPP_COMPOSED`, Python
+  in ``forgetkern/cpu`` that calls its kernels;
 * ``cuda``   - the CUDA C++ extension (``forgetkern._cuda``);
 * ``triton`` - Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 
@@ -80,8 +81,24 @@ def triton_available() -> bool:
     return True
 
 
-def availability(device_type: str) -> Mapping[str, Optional[str]]:
-    """For each concrete backend: ``None`` if it can run on ``device_type``, else the reason it cannot."""
+# Ops whose cpp implementation is Python (``forgetkern/cpu/<op>.py``, the op's module named like the op) calling
+# these C++ kernels of ``torch.ops.forgetkern_cpu``; an extension built from older sources lacks them.
+CPP_COMPOSED = {"lora_linear": ("lora_dropout", "lora_dropout_add_")}
+
+
+def _cpp_kernels_missing(op: str) -> Optional[str]:
+    from forgetkern import _ext
+
+    missing = [k for k in CPP_COMPOSED[op] if not hasattr(_ext.cpu_ops(), k)]
+    if not missing:
+        return None
+    return (f"the CPU extension lacks the kernels {', '.join(missing)} (built from older sources); rebuild with: "
+            f"{_ext.REBUILD}")
+
+
+def availability(device_type: str, op: Optional[str] = None) -> Mapping[str, Optional[str]]:
+    """For each concrete backend: ``None`` if it can run on ``device_type`` (``op`` on it, when given), else the
+    reason it cannot."""
     from forgetkern import _ext
 
     out: dict[str, Optional[str]] = {"torch": None}
@@ -102,6 +119,8 @@ def availability(device_type: str) -> Mapping[str, Optional[str]]:
         out["triton"] = None
     else:
         out["triton"] = f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device_type!r}"
+    if op in CPP_COMPOSED and out["cpp"] is None:
+        out["cpp"] = _cpp_kernels_missing(op)
     return out
 
 
@@ -110,7 +129,7 @@ _AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 # CUDA C++ one, which is kept as the toolchain-free alternative.
 _AUTO_ORDER_BY_OP = {"lora_linear": {"cuda": ("triton", "cuda", "torch")}}
 SUPPORTED_BY_OP = {
-    "lora_linear": ("torch", "cuda", "triton"),
+    "lora_linear": ("torch", "cpp", "cuda", "triton"),
     "linear_persample_sq_grad_": ("torch", "cuda", "triton"),
 }
 
@@ -124,7 +143,7 @@ def resolve(op: str, device: torch.device, *, supported: Optional[tuple] = None)
     if supported is None:
         supported = SUPPORTED_BY_OP.get(op, ("torch", "cpp", "cuda", "triton"))
     want = requested(op)
-    avail = availability(device.type)
+    avail = availability(device.type, op)
     if want == "auto":
         order = _AUTO_ORDER_BY_OP.get(op, {}).get(device.type) or _AUTO_ORDER.get(device.type, ("torch",))
         for name in order:
@@ -146,14 +165,15 @@ def kernel(module: str, fn: str, backend: str):
     """The implementation of ``fn`` on ``backend``, found by the op's name through every layer.
 
     ``torch`` -> ``forgetkern.reference.<module>.<fn>``, ``triton`` -> ``forgetkern.triton.<module>.<fn>``,
-    ``cpp`` -> ``torch.ops.forgetkern_cpu.<fn>``, ``cuda`` -> ``torch.ops.forgetkern_cuda.<fn>``.
+    ``cpp`` -> ``torch.ops.forgetkern_cpu.<fn>`` (``forgetkern.cpu.<module>.<fn>`` for the ops of
+    :data:`CPP_COMPOSED`), ``cuda`` -> ``torch.ops.forgetkern_cuda.<fn>``.
     """
     import importlib
 
     from forgetkern import _ext
 
-    if backend in ("torch", "triton"):
-        package = "reference" if backend == "torch" else "triton"
+    if backend in ("torch", "triton") or (backend == "cpp" and module in CPP_COMPOSED):
+        package = {"torch": "reference", "triton": "triton", "cpp": "cpu"}[backend]
         return getattr(importlib.import_module(f"forgetkern.{package}.{module}"), fn)
     ops = _ext.cpu_ops() if backend == "cpp" else _ext.cuda_ops()
     return getattr(ops, fn)

@@ -58,7 +58,7 @@ def env_report() -> str:
                 chosen = _backend.resolve(op, torch.device(dev))
             except _backend.BackendError as e:
                 chosen = f"error: {e}"
-            avail = _backend.availability(dev)
+            avail = _backend.availability(dev, op)
             has = _backend.SUPPORTED_BY_OP.get(op, ("torch", "cpp", "cuda", "triton"))
             usable = ", ".join(name for name, why in avail.items() if why is None and name in has)
             lines.append(f"  {public:<38} {dev:<5} -> {chosen:<7} (usable here: {usable})")

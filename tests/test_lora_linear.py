@@ -26,14 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _backends():
-    out = []
-    for p in backends():
-        if p.values[0] == "cpp":  # the CPU path of this op is fused torch (addmm_ into the output)
-            out.append(pytest.param("cpp", marks=pytest.mark.skip(reason="lora_linear has no cpp backend: "
-                                                                   "the CPU path is fused torch"), id="cpp"))
-        else:
-            out.append(p)
-    return out
+    return backends()
 
 
 # (leading dims, in, out, [(rank, scaling, dropout_p, lora_bias)], bias, training)
@@ -294,10 +287,11 @@ def test_bad_inputs():
         lora_linear_siblings(x, [w, w], [b], [[ad], [ad]], training=False)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_opcheck(backend):
-    if backend == "triton" and dict(_backend_reasons()).get("triton"):
-        pytest.skip("triton unavailable")
+    reason = dict(_backend_reasons()).get(backend)
+    if reason:
+        pytest.skip(reason)
     x = torch.randn(6, 16)
     w, b = torch.randn(5, 16), torch.randn(5)
     a, bb = torch.randn(3, 16, requires_grad=True), torch.randn(5, 3, requires_grad=True)
@@ -316,12 +310,13 @@ def _backend_reasons():
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", [b for b in _backends() if b.values[0] in ("torch", "cpp")])
+def test_torch_compile_fullgraph(backend):
     x, layers = _make((7,), 16, 12, [(4, 0.5, 0.2, True)], True, F32)
     w, b, ads = layers[0]
     f = torch.compile(lambda xv: lora_linear(xv, w, b, ads, training=True, seed=9), fullgraph=True,
                       backend="aot_eager")
-    with forgetkern.use_backend("torch"):
+    with forgetkern.use_backend(backend):
         y = f(x)
         y.sum().backward()
         g1 = x.grad.clone()

@@ -357,9 +357,8 @@ def test_errors():
         patch(model, backend="fastest")
     with pytest.raises(TypeError, match="fuse_siblings"):
         patch(model, fuse_siblings="yes")
-    for bad in ("cuda", "cpp"):  # cannot run on CPU tensors / has no lora_linear kernel
-        with pytest.raises(forgetkern.BackendError, match=bad):
-            patch(model, backend=bad)
+    with pytest.raises(forgetkern.BackendError, match="cuda"):  # cannot run on CPU tensors
+        patch(model, backend="cuda")
     assert not is_patched(model)  # a failed patch leaves nothing behind
     assert unpatch(model) == 0
 

@@ -16,7 +16,7 @@ Public API::
 * Forward writes base and LoRA into ONE output buffer; saved for backward: ``x`` and the rank-r product
   ``xa = drop(x) A^T`` only. Backward: ``dx``, ``dA``, ``dB`` (+ ``db``, ``dlora_bias`` when they require
   grad), with the scaling folded into the rank-r products.
-* All tensors must share one dtype (float32/float16/bfloat16; float64 runs on the reference backend) and one
+* All tensors must share one dtype (float32/float16/bfloat16; float64 runs on the torch and cpp backends) and one
   device. Under autocast, cast at the module level first (PEFT casts ``x`` to ``lora_A.weight.dtype``).
 
 Fisher option: an adapter given ``fisher=LoraFisher(...)`` has the squared per-sample gradients of its
@@ -129,8 +129,8 @@ class LoraAdapter(NamedTuple):
 
 def _supported(x: Tensor) -> tuple:
     if x.dtype == torch.float64:
-        return ("torch",)
-    return ("torch", "triton", "cuda")
+        return ("torch", "cpp")
+    return ("torch", "cpp", "triton", "cuda")
 
 
 def _impl_name(x: Tensor) -> str:
@@ -212,7 +212,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerFn(torch.autograd.Function):
-    """The same forward / backward as the custom ops, for eager calls on the torch backend.
+    """The same forward / backward as the custom ops, for eager calls on the torch and cpp backends.
 
     ``torch.library`` autograd flattens every list argument on each call (~0.2 ms forward + 0.2 ms backward,
     as much as a small layer's whole LoRA branch); a plain ``autograd.Function`` calls the same backend
@@ -221,13 +221,13 @@ class _EagerFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, meta, x, *tensors):
+    def forward(ctx, kernels, meta, x, *tensors):
         n_l, n_b, n_ad, bias_layer, layer, scaling, dropout_p, keys = meta
         weights, biases = list(tensors[:n_l]), list(tensors[n_l:n_l + n_b])
         lora_a, lora_b = list(tensors[n_l + n_b:n_l + n_b + n_ad]), list(tensors[n_l + n_b + n_ad:])
-        ys, xa = _TORCH_FWD(x, weights, biases, bias_layer, lora_a, lora_b, layer, scaling, dropout_p, keys)
+        ys, xa = kernels[0](x, weights, biases, bias_layer, lora_a, lora_b, layer, scaling, dropout_p, keys)
         ctx.save_for_backward(x, xa, *weights, *lora_a, *lora_b)  # as the custom op: in-place edits are caught
-        ctx.meta = meta
+        ctx.meta, ctx.bwd = meta, kernels[1]
         ctx.mark_non_differentiable(xa)
         ctx.set_materialize_grads(False)
         return (*ys, xa)
@@ -235,7 +235,7 @@ class _EagerFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         n_l, n_b, n_ad, bias_layer, layer, scaling, dropout_p, keys = ctx.meta
-        need = ctx.needs_input_grad
+        need = ctx.needs_input_grad[1:]  # past ``kernels``
         need_dx = need[1]
         need_a, need_b = need[2 + n_l + n_b:2 + n_l + n_b + n_ad], need[2 + n_l + n_b + n_ad:]
         need_da, need_db = any(need_a), any(need_b)
@@ -246,24 +246,29 @@ class _EagerFn(torch.autograd.Function):
                else d.contiguous() for d, w in zip(grads[:-1], weights)]
         dx, d_a, d_b = None, [None] * n_ad, [None] * n_ad
         if need_dx or need_da or need_db:
-            dx, d_a, d_b = _TORCH_BWD(dys, x, weights, lora_a, lora_b, xa, layer, scaling, dropout_p,
-                                      keys, need_dx, need_da, need_db)
+            dx, d_a, d_b = ctx.bwd(dys, x, weights, lora_a, lora_b, xa, layer, scaling, dropout_p,
+                                   keys, need_dx, need_da, need_db)
             dx = dx if need_dx else None
             d_a = [t if n else None for t, n in zip(d_a, need_a)]
             d_b = [t if n else None for t, n in zip(d_b, need_b)]
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         d_bias = [dys[li].sum(0, dtype=acc).to(x.dtype) if n else None
                   for li, n in zip(bias_layer, need[2 + n_l:2 + n_l + n_b])]
-        return (None, dx, *([None] * n_l), *d_bias, *d_a, *d_b)
+        return (None, None, dx, *([None] * n_l), *d_bias, *d_a, *d_b)
 
 
-def _torch_kernels():
-    from forgetkern.reference import lora_linear as ref
-
-    return ref.lora_linear_fwd, ref.lora_linear_bwd
+_EAGER_KERNELS: dict = {}  # backend -> (fwd, bwd), looked up once
 
 
-_TORCH_FWD, _TORCH_BWD = _torch_kernels()
+def _eager_kernels(backend: str):
+    """``(fwd, bwd)`` for :class:`_EagerFn` when ``backend`` runs eagerly (torch GEMMs on the host), else None."""
+    if backend not in ("torch", "cpp"):
+        return None
+    kernels = _EAGER_KERNELS.get(backend)
+    if kernels is None:
+        kernels = _EAGER_KERNELS[backend] = (_backend.kernel(OP, "lora_linear_fwd", backend),
+                                             _backend.kernel(OP, "lora_linear_bwd", backend))
+    return kernels
 
 
 def _eager(tensors) -> bool:
@@ -403,12 +408,13 @@ def _run(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]
     keys = [0] * len(lora_a)
     if any(p > 0 for p in dropout_p):
         keys = dropout_keys(_draw_seed(x.device) if seed is None else seed, len(lora_a))
-    if _impl_name(x2) == "torch" and _eager((x2, *weights, *bias_all, *lora_a, *lora_b)):
-        # the torch kernels hand W to BLAS with a transpose flag: a transposed view (GPT-2 Conv1D stores
+    kernels = _eager_kernels(_impl_name(x2))
+    if kernels is not None and _eager((x2, *weights, *bias_all, *lora_a, *lora_b)):
+        # the torch / cpp kernels hand W to BLAS with a transpose flag: a transposed view (GPT-2 Conv1D stores
         # [in, out]) is used as it is, without a per-call copy
         weights = [w if w.is_contiguous() or w.t().is_contiguous() else w.contiguous() for w in weights]
         meta = (len(weights), len(bias_all), len(lora_a), bias_layer, layer, scaling, dropout_p, keys)
-        *ys, xa = _EagerFn.apply(meta, x2, *weights, *bias_all, *lora_a, *lora_b)
+        *ys, xa = _EagerFn.apply(kernels, meta, x2, *weights, *bias_all, *lora_a, *lora_b)
     else:
         weights = [w.contiguous() for w in weights]
         ys, xa = _fwd_op(x2, weights, bias_all, bias_layer, lora_a, lora_b, layer, scaling, dropout_p, keys)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch LoRA linear (``lora_linear_fwd`` / ``lora_linear_bwd``): the oracle and the CPU fast path.
+"""Pure-PyTorch LoRA linear (``lora_linear_fwd`` / ``lora_linear_bwd``): the oracle and the CPU fallback.
 
 One call serves ``L`` sibling layers that read the same input ``x`` [M, K] (L = 1 for a plain layer).
 Adapter ``k`` belongs to layer ``layer[k]`` and contributes to that layer's output::
@@ -16,6 +16,17 @@ bit identically in Triton (``forgetkern/triton/lora_linear.py``) and C++ (``csrc
 lora_linear.h``): every backend drops the same elements for the same seed, and the backward regenerates the
 mask instead of storing it. :func:`keep_mask_int64` defines the hash in exact int64 arithmetic; the fast
 path computes the same bits in int32 (wrap-around ``+``/``*``, masked shifts), one cache-sized row block at a time.
+
+The dropout reaches the GEMMs through a masker (``masker=`` of :func:`lora_linear_fwd` / :func:`lora_linear_bwd`),
+one per adapter and call, built as ``masker(key, p, x)``; for a row block ``r0:r1`` of x (:func:`_blocks`):
+
+* ``blk = mk.block(r0, r1)``: whatever the masker needs for those rows (:class:`_Masker`: the drop mask);
+* ``mk.apply(v, blk)``: a new tensor ``drop(v) = v * keep / (1 - p)`` for ``v`` of the block's shape, rounded as
+  ``(v * (1 / (1 - p))).masked_fill_(~keep, 0)`` in v's dtype;
+* ``mk.add_(dst, v, blk)``: ``dst += drop(v)`` (``drop(v)`` rounded as above, then the add).
+
+:class:`_Masker` (pure torch) is the default; ``forgetkern/cpu/lora_linear.py`` passes one backed by a fused C++
+kernel, bit-identical.
 """
 
 from __future__ import annotations
@@ -121,7 +132,8 @@ def _blocks(x: torch.Tensor):
 
 
 class _Masker:
-    """Regenerates one adapter's drop mask block by block (scratch buffers reused across blocks)."""
+    """The pure-torch masker (module docstring): regenerates one adapter's drop mask block by block, the scratch
+    buffers reused across blocks."""
 
     def __init__(self, key: int, p: float, x: torch.Tensor):
         self.rh = _row_hash32(key, 0, x.shape[0], x.device)
@@ -131,13 +143,18 @@ class _Masker:
         self.h = torch.empty((step, x.shape[1]), dtype=torch.int32, device=x.device)
         self.t = torch.empty_like(self.h)
 
-    def drop(self, r0: int, r1: int) -> torch.Tensor:
+    def block(self, r0: int, r1: int) -> torch.Tensor:
+        """Bool [r1 - r0, K]: the dropped elements of rows ``r0:r1``."""
         n = r1 - r0
         return _drop_block(self.rh[r0:r1], self.col, self.thr, self.h[:n], self.t[:n])
 
     def apply(self, v: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
         """``v * keep / (1 - p)`` (a new tensor) for a block ``v`` of x's shape."""
         return (v * self.scale).masked_fill_(drop, 0)
+
+    def add_(self, dst: torch.Tensor, v: torch.Tensor, drop: torch.Tensor) -> None:
+        """``dst += v * keep / (1 - p)``."""
+        dst.add_(self.apply(v, drop))
 
 
 def keep_mask(key: int, p: float, rows: int, cols: int, device=None, row0: int = 0) -> torch.Tensor:
@@ -174,10 +191,12 @@ def _cat(ts: list, dim: int) -> torch.Tensor:
 
 def lora_linear_fwd(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor],
                     bias_layer: List[int], lora_a: List[torch.Tensor], lora_b: List[torch.Tensor],
-                    layer: List[int], scaling: List[float], dropout_p: List[float], keys: List[int]):
+                    layer: List[int], scaling: List[float], dropout_p: List[float], keys: List[int], *,
+                    masker=_Masker):
     """Return ``(ys, xa)``. Each ``y_l`` is ONE buffer: addmm(bias, x, W^T), then addmm_ of the LoRA term.
 
-    ``biases[i]`` is the (already combined ``b + sum s_k lora_bias_k``) bias of layer ``bias_layer[i]``.
+    ``biases[i]`` is the (already combined ``b + sum s_k lora_bias_k``) bias of layer ``bias_layer[i]``;
+    ``masker`` computes the dropout (module docstring).
     """
     m = x.shape[0]
     offs, r_total, plain, drop = _groups(lora_a, dropout_p)
@@ -193,9 +212,9 @@ def lora_linear_fwd(x: torch.Tensor, weights: List[torch.Tensor], biases: List[t
                 xa[:, offs[k]:offs[k] + r].copy_(res[:, c:c + r])
                 c += r
     for k in drop:  # drop(x) only ever exists one cache-sized row block at a time
-        r, at, mk = lora_a[k].shape[0], lora_a[k].t(), _Masker(keys[k], dropout_p[k], x)
+        r, at, mk = lora_a[k].shape[0], lora_a[k].t(), masker(keys[k], dropout_p[k], x)
         for r0, r1 in _blocks(x):
-            xa[r0:r1, offs[k]:offs[k] + r].copy_(mk.apply(x[r0:r1], mk.drop(r0, r1)) @ at)
+            xa[r0:r1, offs[k]:offs[k] + r].copy_(mk.apply(x[r0:r1], mk.block(r0, r1)) @ at)
     ys = []
     for li, w in enumerate(weights):
         bias = biases[bias_layer.index(li)] if li in bias_layer else None
@@ -210,7 +229,7 @@ def lora_linear_fwd(x: torch.Tensor, weights: List[torch.Tensor], biases: List[t
 def lora_linear_bwd(dys: List[torch.Tensor], x: torch.Tensor, weights: List[torch.Tensor],
                     lora_a: List[torch.Tensor], lora_b: List[torch.Tensor], xa: torch.Tensor,
                     layer: List[int], scaling: List[float], dropout_p: List[float], keys: List[int],
-                    need_dx: bool, need_da: bool, need_db: bool):
+                    need_dx: bool, need_da: bool, need_db: bool, *, masker=_Masker):
     """Return ``(dx, dA, dB)`` (empty tensors for the ones not needed). Never a weight gradient.
 
     ``g_k = s_k dy_{layer k} B_k`` [M, r_k] carries the scaling; ``dB_k = s_k dy^T xa_k``,
@@ -251,17 +270,17 @@ def lora_linear_bwd(dys: List[torch.Tensor], x: torch.Tensor, weights: List[torc
                     dx.addmm_(gk[k], lora_a[k])
     # each dropout mask is regenerated once, block by block, and serves dA and dx
     for k in drop:
-        mk = _Masker(keys[k], dropout_p[k], x)
+        mk = masker(keys[k], dropout_p[k], x)
         half = x.dtype in (torch.float16, torch.bfloat16)  # blocks' partial sums are added in float32
         acc = x.new_zeros(lora_a[k].shape, dtype=torch.float32 if half else x.dtype) if need_da else None
         for r0, r1 in _blocks(x):
-            dm = mk.drop(r0, r1)
+            blk = mk.block(r0, r1)
             if need_da and half:
-                acc.add_(torch.mm(gk[k][r0:r1].t(), mk.apply(x[r0:r1], dm)))
+                acc.add_(torch.mm(gk[k][r0:r1].t(), mk.apply(x[r0:r1], blk)))
             elif need_da:
-                acc.addmm_(gk[k][r0:r1].t(), mk.apply(x[r0:r1], dm))
+                acc.addmm_(gk[k][r0:r1].t(), mk.apply(x[r0:r1], blk))
             if need_dx:
-                dx[r0:r1].add_(mk.apply(gk[k][r0:r1] @ lora_a[k], dm))
+                mk.add_(dx[r0:r1], gk[k][r0:r1] @ lora_a[k], blk)
         if need_da:
             d_a[k] = acc.to(x.dtype)
     return dx, d_a, d_b

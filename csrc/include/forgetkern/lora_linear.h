@@ -1,4 +1,5 @@
-// LoRA linear: math shared by the CUDA kernels (csrc/cuda/lora_linear.cu) and host code, plus the launcher ABI.
+// LoRA linear: math shared by the CUDA kernels (csrc/cuda/lora_linear.cu), the CPU dropout kernel
+// (csrc/cpu/lora_dropout.cpp) and host code, plus the launcher ABI.
 // No torch headers (included by .cu files compiled by nvcc alone).
 //
 // Dropout keep mask: a counter-based hash of (key, row, col), bit-identical to the PyTorch reference
@@ -23,8 +24,10 @@ FK_INLINE uint32_t lora_mix32(uint32_t h) {
 
 FK_INLINE uint32_t lora_row_hash(uint32_t key, uint32_t row) { return lora_mix32(key + row * 0x9E3779B9u); }
 
+FK_INLINE uint32_t lora_elem_hash(uint32_t row_hash, uint32_t col) { return lora_mix32(row_hash + col * 0x85EBCA77u); }
+
 FK_INLINE bool lora_keep(uint32_t row_hash, uint32_t col, int32_t threshold) {
-  return static_cast<int32_t>(lora_mix32(row_hash + col * 0x85EBCA77u) >> 8) >= threshold;
+  return static_cast<int32_t>(lora_elem_hash(row_hash, col) >> 8) >= threshold;
 }
 
 FK_INLINE int32_t lora_keep_threshold(double p) {
@@ -32,7 +35,18 @@ FK_INLINE int32_t lora_keep_threshold(double p) {
   return static_cast<int32_t>(t);  // t >= 0.5: truncation is floor
 }
 
-FK_INLINE float lora_keep_scale(double p) { return p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - p)); }
+// 1 / (1 - p) (0 for p >= 1): in double for float64 data, rounded once to float for the other dtypes (as torch
+// rounds a Python-float factor for float32/float16/bfloat16 tensors).
+FK_INLINE double lora_keep_scale_f64(double p) { return p >= 1.0 ? 0.0 : 1.0 / (1.0 - p); }
+
+FK_INLINE float lora_keep_scale(double p) { return static_cast<float>(lora_keep_scale_f64(p)); }
+
+// One dropped-out value in compute type C (float, or double for float64 data): v * scale if kept, else +0.
+// A 16-bit result is v * scale rounded once to storage (+0 stays +0), as torch's (v * scale).masked_fill_(~keep, 0).
+template <typename C>
+FK_INLINE C lora_drop_value(bool keep, C v, C scale) {
+  return keep ? fk_mul(v, scale) : C(0);
+}
 
 // Dropout applied to one GEMM operand (or to the output): element (row, col) of x is kept iff lora_keep(...).
 struct LoraDrop {
@@ -43,7 +57,7 @@ struct LoraDrop {
 };
 
 FK_INLINE float lora_drop_apply(const LoraDrop& d, float v, uint32_t row, uint32_t col) {
-  return lora_keep(lora_row_hash(d.key, row), col, d.threshold) ? v * d.scale : 0.0f;
+  return lora_drop_value(lora_keep(lora_row_hash(d.key, row), col, d.threshold), v, d.scale);
 }
 
 // ---- launcher ABI: one segmented GEMM ---------------------------------------------------------------------
