@@ -153,3 +153,19 @@ def test_lora_linear_fisher_option_errors():
     y2 = lora_linear(x, w, None, [LoraAdapter(a, b, 1.0, fisher=sink)], training=False)
     with pytest.raises(RuntimeError, match="second output gradient"):
         (y1 + y2).backward(g)
+
+
+def test_patched_bf16_model_with_float32_adapters():
+    """PEFT's layout for half models: the fused mixed-precision op feeds the sinks float32 gradients."""
+    model = _model(target_modules=["q_proj", "v_proj", "up_proj"]).to(torch.bfloat16)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+    batches = _batches(n_batches=1)
+    want = FisherEstimator(model, params="lora").estimate(batches, progress=False)
+    patched = copy.deepcopy(model)
+    report = forgetkern.patch(patched)
+    got = FisherEstimator(patched, params="lora").estimate(batches, progress=False)
+    assert _fused_calls(report) > 0 and _peft_calls(report) == 0
+    # same bf16 forward up to the rounding of the fused sum: a few bf16 ulps on the Fisher
+    _assert_fisher_close(got, {k: v.double() for k, v in want.items()}, rtol=2e-2)

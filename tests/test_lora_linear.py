@@ -39,13 +39,17 @@ CASES = {
 }
 
 
-def _make(lead, k_in, n_out, ads, bias, dtype, seed=0, n_layers=1):
-    """Inputs generated in fp64, rounded to ``dtype``; leaves requiring grad (weights frozen)."""
+def _make(lead, k_in, n_out, ads, bias, dtype, seed=0, n_layers=1, ad_dtype=None):
+    """Inputs generated in fp64, rounded to ``dtype`` (adapters: ``ad_dtype``, default ``dtype``); leaves
+    requiring grad (weights frozen)."""
     g = torch.Generator().manual_seed(seed)
 
-    def t(*shape, scale=1.0, grad=True):
-        v = (torch.randn(*shape, generator=g, dtype=F64) * scale).to(dtype)
+    def t(*shape, scale=1.0, grad=True, dt=dtype):
+        v = (torch.randn(*shape, generator=g, dtype=F64) * scale).to(dt)
         return v.requires_grad_(grad)
+
+    def ta(*shape, scale=1.0):
+        return t(*shape, scale=scale, dt=ad_dtype or dtype)
 
     x = t(*lead, k_in)
     layers = []
@@ -53,8 +57,8 @@ def _make(lead, k_in, n_out, ads, bias, dtype, seed=0, n_layers=1):
         n = n_out + 3 * li
         w = t(n, k_in, scale=k_in ** -0.5, grad=False)
         b = t(n) if bias else None
-        adapters = [LoraAdapter(t(r, k_in, scale=k_in ** -0.5), t(n, r, scale=r ** -0.5), s, p, t(n) if lb else None)
-                    for r, s, p, lb in ads]
+        adapters = [LoraAdapter(ta(r, k_in, scale=k_in ** -0.5), ta(n, r, scale=r ** -0.5), s, p,
+                                ta(n) if lb else None) for r, s, p, lb in ads]
         layers.append((w, b, adapters))
     return x, layers
 
@@ -69,7 +73,8 @@ def _leaves(x, layers):
 
 
 def _naive(x, layers, training, seed, up=None):
-    """PEFT's formula with torch ops (``up``: evaluate in fp64 on upcast copies of the leaves)."""
+    """PEFT's formula with torch ops (``up``: evaluate in fp64 on upcast copies of the leaves), with PEFT's casts:
+    x to the adapter's dtype for the branch, the sum in the promoted dtype, the result in x's dtype."""
     keys = ref.dropout_keys(seed, sum(len(ads) for _, _, ads in layers))
     ys, k = [], 0
     cv = (lambda v: up[id(v)]) if up is not None else (lambda v: v)
@@ -78,15 +83,15 @@ def _naive(x, layers, training, seed, up=None):
     for w, b, ads in layers:
         y = torch.nn.functional.linear(xx, cv(w), cv(b) if b is not None else None)
         for a in ads:
-            xd = x2
+            xd = x2.to(cv(a.lora_a).dtype)
             if training and a.dropout_p > 0:
                 keep = ref.keep_mask(keys[k], a.dropout_p, x2.shape[0], x2.shape[1]).to(x2.dtype)
-                xd = x2 * keep * ref.keep_scale(a.dropout_p)
+                xd = xd * keep.to(xd.dtype) * ref.keep_scale(a.dropout_p)
             lb = cv(a.lora_bias) if a.lora_bias is not None else None
             lora = torch.nn.functional.linear(xd @ cv(a.lora_a).t(), cv(a.lora_b), lb) * a.scaling
             y = y + lora.reshape(y.shape)
             k += 1
-        ys.append(y)
+        ys.append(y.to(xx.dtype))
     return ys
 
 
@@ -94,8 +99,8 @@ def _grads(ys, leaves, cot):
     return list(torch.autograd.grad(ys, leaves, cot))
 
 
-def _run_case(backend, dtype, lead, k_in, n_out, ads, bias, training, n_layers=1, seed=11):
-    x, layers = _make(lead, k_in, n_out, ads, bias, dtype, n_layers=n_layers)
+def _run_case(backend, dtype, lead, k_in, n_out, ads, bias, training, n_layers=1, seed=11, ad_dtype=None):
+    x, layers = _make(lead, k_in, n_out, ads, bias, dtype, n_layers=n_layers, ad_dtype=ad_dtype)
     leaves = _leaves(x, layers)
     up = {id(v): v.detach().double().requires_grad_(v.requires_grad) for v in leaves + [w for w, _, _ in layers]}
     oracle = _naive(x, layers, training, seed, up)
@@ -114,12 +119,12 @@ def _run_case(backend, dtype, lead, k_in, n_out, ads, bias, training, n_layers=1
         got = [y.detach() for y in got_out] + _grads(got_out, leaves, [c.to(dtype) for c in cots])
     names = [f"y{i}" for i in range(n_layers)] + ["dx"] + [f"d{i}" for i in range(len(leaves) - 1)]
     for name, gt, pl, wt in zip(names, got, plain, want):
-        assert gt.dtype == dtype and gt.shape == wt.shape, name
+        assert gt.dtype == pl.dtype and gt.shape == wt.shape, name
         if wt.numel() == 0:
             continue
         err = (gt.double() - wt).abs().max().item()
         base = (pl.double() - wt).abs().max().item()
-        tol = 2 * base + EPS[dtype] * wt.abs().max().item() + 1e-300
+        tol = 2 * base + EPS[pl.dtype] * wt.abs().max().item() + 1e-300
         assert err <= tol, f"{name}: error {err:.3e} > {tol:.3e} (plain torch {base:.3e})"
 
 
@@ -128,6 +133,31 @@ def _run_case(backend, dtype, lead, k_in, n_out, ads, bias, training, n_layers=1
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_fp64_oracle(backend, dtype, case):
     _run_case(backend, dtype, *CASES[case])
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends() if b.values[0] in ("torch", "cpp")])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+@pytest.mark.parametrize("case", ["plain", "multi-dropout", "eval-no-dropout", "empty-batch"])
+def test_float32_adapters_on_half_x_match_fp64_oracle(backend, dtype, case):
+    """PEFT's autocast_adapter_dtype layout: 16-bit x / base, float32 adapters, PEFT's casts (see _naive)."""
+    _run_case(backend, dtype, *CASES[case], ad_dtype=F32)
+
+
+def test_float32_adapters_siblings_and_errors():
+    _run_case("torch", BF16, (3, 7), 24, 16, [(4, 2.0, 0.0, True)], True, False, n_layers=3, ad_dtype=F32)
+    x, [(w, b, ads)] = _make((5,), 12, 6, [(3, 1.0, 0.0, False), (2, 1.0, 0.0, False)], False, BF16,
+                             ad_dtype=F32)
+    with pytest.raises(TypeError, match=r"mix dtypes"):
+        lora_linear(x, w, b, [ads[0], ads[1]._replace(lora_a=ads[1].lora_a.to(BF16),
+                                                       lora_b=ads[1].lora_b.to(BF16))], training=False)
+    with pytest.raises(TypeError, match=r"lora_b has dtype torch.bfloat16 but lora_a has torch.float32"):
+        lora_linear(x, w, b, [ads[0]._replace(lora_b=ads[0].lora_b.to(BF16))], training=False)
+    with pytest.raises(TypeError, match="float32 adapters on a float16/bfloat16 x"):  # float32 x: one dtype
+        lora_linear(x.float(), w.float(), b, [ads[0]._replace(lora_a=ads[0].lora_a.double(),
+                                                              lora_b=ads[0].lora_b.double())], training=False)
+    if "triton" in [p.values[0] for p in _backends()]:
+        with forgetkern.use_backend("triton"), pytest.raises(TypeError, match="eager mode only"):
+            lora_linear(x, w, b, ads[:1], training=False)
 
 
 @pytest.mark.parametrize("backend", _backends())

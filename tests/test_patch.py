@@ -60,12 +60,37 @@ def test_autocast_bf16():
     assert calls(report, "fused") > 0 and calls(report, "PEFT") == 0
 
 
-def test_mixed_dtype_adapters_go_to_peft_exactly():
-    # PEFT's default for half models keeps the adapters in fp32: that mix runs on PEFT's path, bit for bit.
-    model = lora_model("llama").to(torch.bfloat16)
+def _adapters_to(model, dtype):
     for m in model.modules():
         if isinstance(m, peft.tuners.lora.layer.Linear):
-            m.lora_A.float(), m.lora_B.float()
+            m.lora_A.to(dtype), m.lora_B.to(dtype)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_float32_adapters_on_half_model_fused(kind, dtype):
+    """PEFT's default for half models keeps the adapters in float32 (autocast_adapter_dtype): fused, with PEFT's
+    numerics (base in 16 bits, the LoRA branch in float32, one rounding of the sum), lora_bias included."""
+    model = _adapters_to(lora_model(kind, dtype=dtype, lora_bias=True), torch.float32)
+    report, got, want = check_vs_peft(model, dtype=dtype)
+    assert calls(report, "PEFT") == 0
+    assert got["logits"].dtype == dtype
+    assert all(got[k].dtype == torch.float32 for k in got if "lora_" in k)
+
+
+def test_float32_adapters_on_half_model_train_dropout():
+    model = _adapters_to(lora_model("llama", dtype=torch.bfloat16, lora_dropout=0.1), torch.float32)
+    pf, fk = twins(model)
+    report = patch(fk)
+    torch.manual_seed(3)
+    got = run(fk, ids())
+    assert calls(report, "fused") > 0 and calls(report, "PEFT") == 0
+    assert torch.isfinite(got["loss"]) and all(torch.isfinite(v).all() for v in got.values())
+
+
+def test_other_dtype_mixes_go_to_peft_exactly():
+    model = _adapters_to(lora_model("llama"), torch.float64)  # float64 adapters on a float32 model
     pf, fk = twins(model)
     report = patch(fk)
     assert_same(run(fk, ids()), run(pf, ids()))

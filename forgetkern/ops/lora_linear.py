@@ -18,6 +18,9 @@ Public API::
   grad), with the scaling folded into the rank-r products.
 * All tensors must share one dtype (float32/float16/bfloat16; float64 runs on the torch and cpp backends) and one
   device. Under autocast, cast at the module level first (PEFT casts ``x`` to ``lora_A.weight.dtype``).
+  One exception, PEFT's default layout for half models (``autocast_adapter_dtype``): float32 adapters on a
+  float16/bfloat16 ``x`` and base, with PEFT's numerics (:class:`_MixedFn`: base in 16 bits, the branch in
+  float32 on the upcast input, the sum rounded once); torch and cpp backends, eager mode.
 
 Fisher option: an adapter given ``fisher=LoraFisher(...)`` has the squared per-sample gradients of its
 factors added to the sink's buffers by the backward (:func:`forgetkern.lora_persample_sq_grad_` with the
@@ -44,6 +47,7 @@ from forgetkern.reference.lora_linear import dropout_keys, dropped
 
 OP = "lora_linear"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class LoraFisher:
@@ -105,6 +109,8 @@ def _fisher_hook(sink: LoraFisher, x2: Tensor, xa: Tensor, lora_a: Tensor, lora_
 
     with torch.no_grad():
         g = g.reshape(-1, g.shape[-1])
+        if lora_a.dtype != x2.dtype:  # float32 adapters on a 16-bit layer: their gradients are float32
+            x2, g = x2.to(lora_a.dtype), g.to(lora_a.dtype)
         xk = dropped(x2, key, p) if p > 0.0 else x2
         x3, g3, mask = sink._group(xk, g.contiguous(), lead)
         if sink.fisher_a is not None or sink.fisher_b is not None:
@@ -257,6 +263,66 @@ class _EagerFn(torch.autograd.Function):
         return (None, None, dx, *([None] * n_l), *d_bias, *d_a, *d_b)
 
 
+class _MixedFn(torch.autograd.Function):
+    """One layer with a 16-bit ``x`` / base and float32 adapters (PEFT's default for half models, its
+    ``autocast_adapter_dtype``), with PEFT's numerics: the base output in the input's dtype, the LoRA branch
+    in float32 on the upcast input, their sum rounded once to the input's dtype::
+
+        y = S_x( S_x(x W^T + b) + sum_k s_k drop_k(x32) A_k^T B_k^T + lbias )     lbias = sum_k s_k lora_bias_k
+
+    Saved for backward: ``x`` (16-bit) and ``xa`` [M, sum r] float32; the float32 copy of ``x`` (which PEFT
+    keeps for ``lora_A``'s backward) is recomputed. ``dx = dy W + S_x(sum_k drop_k^T(g_k A_k))``.
+    """
+
+    @staticmethod
+    def forward(ctx, kernels, meta, x, weight, bias, lbias, *tensors):
+        layer, scaling, dropout_p, keys = meta
+        n_ad = len(layer)
+        lora_a, lora_b = list(tensors[:n_ad]), list(tensors[n_ad:])
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+        _, xa = kernels[0](x.float(), [], [], [], lora_a, lora_b, layer, scaling, dropout_p, keys)
+        y32 = y.float()
+        if lbias is not None:
+            y32.add_(lbias)
+        off = 0
+        for a, b, s in zip(lora_a, lora_b, scaling):
+            r = a.shape[0]
+            y32.addmm_(xa[:, off:off + r], b.t(), alpha=s)
+            off += r
+        y.copy_(y32)
+        ctx.save_for_backward(x, xa, weight, *lora_a, *lora_b)
+        ctx.meta, ctx.bwd = meta, kernels[1]
+        ctx.mark_non_differentiable(xa)
+        ctx.set_materialize_grads(False)
+        return y, xa
+
+    @staticmethod
+    def backward(ctx, dy, _dxa):
+        layer, scaling, dropout_p, keys = ctx.meta
+        need = ctx.needs_input_grad
+        n_ad = len(layer)
+        need_dx, need_bias, need_lbias = need[2], need[4], need[5]
+        need_a, need_b = need[6:6 + n_ad], need[6 + n_ad:]
+        x, xa, weight = ctx.saved_tensors[:3]
+        lora_a, lora_b = list(ctx.saved_tensors[3:3 + n_ad]), list(ctx.saved_tensors[3 + n_ad:])
+        if dy is None:
+            dy = torch.zeros((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+        dy = dy.contiguous()
+        dy32 = dy.float()
+        dx, d_a, d_b = None, [None] * n_ad, [None] * n_ad
+        if need_dx or any(need_a) or any(need_b):
+            dx_l, d_a, d_b = ctx.bwd([dy32], x.float(), [], lora_a, lora_b, xa, layer, scaling, dropout_p, keys,
+                                     need_dx, any(need_a), any(need_b))
+            if need_dx:
+                dx = torch.mm(dy, weight)
+                dx.add_(dx_l)
+            d_a = [t if n else None for t, n in zip(d_a, need_a)]
+            d_b = [t if n else None for t, n in zip(d_b, need_b)]
+        d_bias = dy32.sum(0).to(x.dtype) if need_bias else None
+        d_lbias = dy32.sum(0) if need_lbias else None
+        return (None, None, dx, None, d_bias, d_lbias, *d_a, *d_b)
+
+
 _EAGER_KERNELS: dict = {}  # backend -> (fwd, bwd), looked up once
 
 
@@ -287,12 +353,16 @@ def _name(where: str, what: str) -> str:
     return f"forgetkern.lora_linear: {where}{what}"
 
 
-def _check_tensor(t, name: str, ref: Tensor, shape: tuple) -> None:
+def _check_tensor(t, name: str, ref: Tensor, shape: tuple, dtype: Optional[torch.dtype] = None) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(_name(name, f" must be a Tensor, got {type(t).__name__}"))
-    if t.dtype != ref.dtype:
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(_name(name, f" has dtype {t.dtype} but lora_a has {dtype}; an adapter's tensors share "
+                                    f"one dtype"))
+    if dtype is None and t.dtype != ref.dtype:
         raise TypeError(_name(name, f" has dtype {t.dtype} but x has {ref.dtype}; all tensors must share one "
-                                    f"dtype (cast at the module level, as PEFT does under autocast)"))
+                                    f"dtype, except float32 adapters on a float16/bfloat16 x and base (cast at "
+                                    f"the module level, as PEFT does under autocast)"))
     if t.device != ref.device:
         raise ValueError(_name(name, f" is on {t.device} but x is on {ref.device}"))
     if tuple(t.shape) != shape:
@@ -334,14 +404,15 @@ def _check_layer(x: Tensor, weight, bias, adapters, li: Optional[int]):
         if not isinstance(ad.lora_a, Tensor) or ad.lora_a.dim() != 2:
             raise ValueError(_name(w, ".lora_a must be a 2-D Tensor [r, in]"))
         r = ad.lora_a.shape[0]
-        _check_tensor(ad.lora_a, f"{w}.lora_a", x, (r, k_in))
+        mixed = ad.lora_a.dtype == torch.float32 and x.dtype in _HALF
+        _check_tensor(ad.lora_a, f"{w}.lora_a", x, (r, k_in), torch.float32 if mixed else None)
         if not isinstance(ad.lora_b, Tensor) or ad.lora_b.dim() != 2 or ad.lora_b.shape[1] != r:
             got = tuple(ad.lora_b.shape) if isinstance(ad.lora_b, Tensor) else type(ad.lora_b).__name__
             raise ValueError(_name(w, f".lora_b must be [out, r] = [{n_out}, {r}] (its columns = lora_a's rows, "
                                       f"the rank), got {got}"))
-        _check_tensor(ad.lora_b, f"{w}.lora_b", x, (n_out, r))
+        _check_tensor(ad.lora_b, f"{w}.lora_b", x, (n_out, r), torch.float32 if mixed else None)
         if ad.lora_bias is not None:
-            _check_tensor(ad.lora_bias, f"{w}.lora_bias", x, (n_out,))
+            _check_tensor(ad.lora_bias, f"{w}.lora_bias", x, (n_out,), torch.float32 if mixed else None)
         if ad.fisher is not None:
             _check_fisher(ad.fisher, w, x, (r, k_in), (n_out, r))
         for attr in ("scaling", "dropout_p"):
@@ -350,6 +421,9 @@ def _check_layer(x: Tensor, weight, bias, adapters, li: Optional[int]):
                 raise TypeError(_name(w, f".{attr} must be a finite Python float, got {v!r}"))
         if not 0.0 <= ad.dropout_p <= 1.0:
             raise ValueError(_name(w, f".dropout_p must be in [0, 1], got {ad.dropout_p}"))
+    if len({ad.lora_a.dtype for ad in adapters}) > 1:
+        raise TypeError(_name(f"adapters{where}", f" mix dtypes {sorted(str(ad.lora_a.dtype) for ad in adapters)}; "
+                                                  f"the adapters of one layer share one dtype"))
     global _warned_weight
     if weight.requires_grad and torch.is_grad_enabled() and not _warned_weight:
         _warned_weight = True
@@ -382,8 +456,49 @@ def _check_x(x, seed) -> None:
         raise TypeError(_name("seed", f" must be an int or None, got {type(seed).__name__}"))
 
 
+def mixed_supported(x: Tensor) -> bool:
+    """Whether float32 adapters on a 16-bit ``x`` (:class:`_MixedFn`) can run for ``x``: the torch and cpp
+    backends, eagerly. Elsewhere such a call raises (``forgetkern.patch`` leaves it on PEFT's path)."""
+    return x.dtype in _HALF and _eager_kernels(_impl_name(x)) is not None and _eager((x,))
+
+
+def _run_mixed(x2: Tensor, lead, weight: Tensor, bias: Optional[Tensor], ads, training: bool,
+               seed: Optional[int]) -> Tensor:
+    if not mixed_supported(x2):
+        raise TypeError(_name("adapters", f" are float32 on a {x2.dtype} x: this mixed precision runs on the torch "
+                                          f"and cpp backends in eager mode only (backend here: "
+                                          f"{_impl_name(x2)}); cast the adapters to x's dtype"))
+    lora_a = [ad.lora_a.contiguous() for ad in ads]
+    lora_b = [ad.lora_b.contiguous() for ad in ads]
+    scaling = [float(ad.scaling) for ad in ads]
+    dropout_p = [float(ad.dropout_p) if training else 0.0 for ad in ads]
+    lbias = None
+    for ad in ads:
+        if ad.lora_bias is not None:
+            lb = ad.lora_bias * float(ad.scaling)
+            lbias = lb if lbias is None else lbias + lb
+    keys = [0] * len(ads)
+    if any(p > 0 for p in dropout_p):
+        keys = dropout_keys(_draw_seed(x2.device) if seed is None else seed, len(ads))
+    weight = weight if weight.is_contiguous() or weight.t().is_contiguous() else weight.contiguous()
+    meta = ([0] * len(ads), scaling, dropout_p, keys)
+    y, xa = _MixedFn.apply(_eager_kernels(_impl_name(x2)), meta, x2, weight, bias, lbias, *lora_a, *lora_b)
+    sinks = [(k, ad.fisher) for k, ad in enumerate(ads) if ad.fisher is not None]
+    if sinks and torch.is_grad_enabled():
+        _attach_fisher(sinks, [y], x2, xa, lead, lora_a, lora_b, meta[0], scaling, dropout_p, keys)
+    return y.view(*lead, y.shape[-1])
+
+
 def _run(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], per_layer, training: bool,
          seed: Optional[int]) -> List[Tensor]:
+    if any(ad.lora_a.dtype != x.dtype for ads in per_layer for ad in ads):  # float32 adapters, 16-bit x
+        if len(weights) > 1:  # siblings: layer by layer (each layer's dropout keys from its own seed draw)
+            return [_run(x, [w], [b], [ads], training, None if seed is None else (seed + li * 0x9E3779B97F4A7C15)
+                         & ((1 << 63) - 1))[0] for li, (w, b, ads) in enumerate(zip(weights, biases, per_layer))]
+        if per_layer[0] and per_layer[0][0].lora_a.dtype != x.dtype:
+            x2 = x.reshape(-1, x.shape[-1])
+            return [_run_mixed(x2 if x2.is_contiguous() else x2.contiguous(), x.shape[:-1], weights[0], biases[0],
+                               per_layer[0], training, seed)]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     x2 = x2 if x2.is_contiguous() else x2.contiguous()

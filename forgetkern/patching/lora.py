@@ -132,6 +132,11 @@ def _ac_cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optiona
     return t.to(dtype)
 
 
+def _mixed_ok(module, x) -> bool:
+    with _backend_ctx(module._forgetkern_state.backend):
+        return _ops().mixed_supported(x)
+
+
 def plan_call(module, x, args, kwargs):
     """``(reason, plan)``: why this call goes to PEFT's forward (``plan`` None), or the fused op's arguments.
 
@@ -186,8 +191,9 @@ def plan_call(module, x, args, kwargs):
         else:
             return ("dropout module is not nn.Dropout or nn.Identity", None)
         wa, wb, bb = a.weight, b.weight, b.bias
-        # PEFT: x = self._cast_input_dtype(x, lora_A.weight.dtype) before the adapter path
-        if ac is None and wa.dtype != x.dtype:
+        # PEFT: x = self._cast_input_dtype(x, lora_A.weight.dtype) before the adapter path. float32 adapters on a
+        # 16-bit layer (PEFT's autocast_adapter_dtype default) run fused where the op supports it (CPU, eager)
+        if ac is None and wa.dtype != x.dtype and not (wa.dtype == torch.float32 and _mixed_ok(module, x)):
             return (f"mixed dtypes: input {str(x.dtype)[6:]}, adapter {str(wa.dtype)[6:]}", None)
         if p > 0.0:
             training = True
@@ -198,9 +204,13 @@ def plan_call(module, x, args, kwargs):
     dt = x_c.dtype
     if w_c.dtype != dt or (b_c is not None and b_c.dtype != dt):
         return (f"mixed dtypes: input {str(x.dtype)[6:]}, base weight {str(weight.dtype)[6:]}", None)
+    adt = adapters[0].lora_a.dtype
+    if adt != dt and not (adt == torch.float32 and dt in (torch.float16, torch.bfloat16)):
+        return (f"mixed dtypes: input {str(x.dtype)[6:]}, adapter {str(adt)[6:]}", None)
     for ad in adapters:
-        if ad.lora_a.dtype != dt or ad.lora_b.dtype != dt or (ad.lora_bias is not None and ad.lora_bias.dtype != dt):
-            return (f"mixed dtypes: input {str(x.dtype)[6:]}, adapter {str(ad.lora_a.dtype)[6:]}", None)
+        if (ad.lora_a.dtype != adt or ad.lora_b.dtype != adt
+                or (ad.lora_bias is not None and ad.lora_bias.dtype != adt)):
+            return (f"mixed dtypes: adapters in {str(ad.lora_a.dtype)[6:]} and {str(adt)[6:]}", None)
         if ad.lora_a.device != device or ad.lora_b.device != device:
             return ("adapter weights on another device than the input", None)
     return (None, (x_c, w_c, b_c, adapters, training, ac))

@@ -258,8 +258,8 @@ def lora_linear_bwd(dys: List[torch.Tensor], x: torch.Tensor, weights: List[torc
         d_a = [None] * n_ad
         for k in plain:
             d_a[k] = torch.mm(gk[k].t(), x)
-    if need_dx:
-        dx = torch.mm(dys[0], weights[0])
+    if need_dx:  # no weights: the LoRA part of dx alone (the mixed-precision path adds the base part itself)
+        dx = torch.mm(dys[0], weights[0]) if weights else x.new_zeros(x.shape)
         for li in range(1, len(weights)):
             dx.addmm_(dys[li], weights[li])
         if plain and r_total > 0:
