@@ -148,7 +148,8 @@ def sources(pattern: str) -> list:
 
 # -ffp-contract=off: no FMA contraction, every multiply/add rounds as written (same results as the CUDA kernels
 # and the PyTorch reference). -fno-trapping-math: lets gcc if-convert (select) the branch-free element code so
-# the loops vectorise; it changes no result. No -march: portable binaries, vectorised with the baseline ISA.
+# the loops vectorise; it changes no result. No -march: portable binaries; the CPU kernels also exist as
+# AVX2 / AVX-512 versions (GCC target attributes) chosen at run time, see csrc/cpu/cpu_isa.h.
 # C++20: the torch headers require it (the .cu files include no torch header and stay C++17).
 # -g0 (unless FORGETKERN_DEBUG=1) drops the -g of Python's default CFLAGS: ~25% less compile time, 20x smaller
 # objects.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -22,6 +23,21 @@ def _version(module: str) -> str:
         return version(module)
     except Exception:
         return "not installed"
+
+
+def _cpu_isa(ext) -> str:
+    """The instruction set the CPU kernels run with, and why."""
+    ops = ext.cpu_ops()
+    if ops is None:
+        return "n/a (CPU extension not loaded)"
+    try:
+        isa = ops.cpu_isa()
+    except RuntimeError as e:
+        return f"error: {e}"
+    value = os.environ.get("FORGETKERN_CPU_ISA")
+    if value:
+        return f"{isa} (FORGETKERN_CPU_ISA={value})"
+    return f"{isa} (best this CPU supports; FORGETKERN_CPU_ISA=baseline|avx2|avx512 lowers it)"
 
 
 def env_report() -> str:
@@ -44,6 +60,7 @@ def env_report() -> str:
         f"archs {', '.join(info.get('cuda_archs') or []) or 'none'}",
         f"  CPU extension  (forgetkern._C)    "
         f"{'loaded' if _ext.cpu_ops() is not None else 'NOT loaded: ' + str(_ext.cpu_ext_error())}",
+        f"  CPU ISA        {_cpu_isa(_ext)}",
         f"  CUDA extension (forgetkern._cuda) "
         f"{'loaded' if _ext.cuda_ops() is not None else 'NOT loaded: ' + str(_ext.cuda_ext_error())}",
         f"  Triton         {'available' if _backend.triton_available() else 'not installed'}"

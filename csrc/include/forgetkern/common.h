@@ -7,6 +7,8 @@
 //   half/bf16 -> float is exact (a signalling half NaN becomes a quiet float NaN); float -> half/bf16 rounds
 //   to nearest, ties to even (RNE). Both directions equal c10::Half / c10::BFloat16 bit for bit on all inputs
 //   (checked exhaustively over the 2^32 floats). NaN -> half 0x7E00 | sign, bf16 0x7FC0 (sign dropped, as c10).
+//   The CPU kernels for AVX2 / AVX-512 convert fp16 runs with F16C instructions instead, with the same results
+//   (csrc/cpu/isa_tile.h).
 // * fk_add / fk_mul are single IEEE operations that are never fused into an FMA (device: __fadd_rn etc.;
 //   host: the build passes -ffp-contract=off), so the CPU, the CUDA kernels and the PyTorch reference (which
 //   evaluates one op at a time) round the same intermediate values.

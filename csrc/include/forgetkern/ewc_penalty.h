@@ -11,8 +11,9 @@
 // S rounds once to the gradient dtype (= the parameter dtype), R to the result dtype (float64 if any parameter
 // is float64, else float32). Elementwise every operation is a separate IEEE operation in this order (no FMA
 // contraction), the order of forgetkern/reference/ewc_penalty.py. The terms are summed in C over short runs
-// (CPU: blocks of 1024 elements; CUDA: per thread, then a shuffle tree per block), the run sums in double in a
-// fixed order (deterministic, independent of the number of threads).
+// (CPU: blocks of 1024 elements, each in 16 interleaved partial sums added pairwise, the same order for every
+// instruction set; CUDA: per thread, then a shuffle tree per block), the run sums in double in a fixed order
+// (deterministic, independent of the number of threads).
 #pragma once
 
 #include "forgetkern/common.h"

@@ -24,7 +24,7 @@ template <typename C, typename F, typename G>
 FK_INLINE F fisher_element(F f, G g, C decay, C scale, int& nonfinite) {
   const C gc = load_as<C>(g);
   const bool ok = is_finite(gc);
-  nonfinite += ok ? 0 : 1;
+  nonfinite += static_cast<int>(!ok);
   const F updated = Store<F>::from(fisher_update(load_as<C>(f), gc, decay, scale));
   return ok ? updated : f;
 }
