@@ -6,11 +6,6 @@ NaN results are compared as NaN only: torch itself rounds a NaN to bfloat16 as 0
 whether its loop is vectorised.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -18,9 +13,9 @@ import forgetkern
 from forgetkern import _backend, _ext
 from forgetkern.ops import lora_linear as ops
 from forgetkern.reference import lora_linear as ref
+from tests.test_cpu_ext import isa_params, use_isa  # noqa: F401  (use_isa is a fixture)
 from tests.test_lora_linear import F16, F32, F64, BF16, _leaves, _make
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CPP_REASON = _backend.availability("cpu")["cpp"]
 pytestmark = pytest.mark.skipif(_CPP_REASON is not None, reason=str(_CPP_REASON))
 
@@ -105,40 +100,31 @@ def test_add_matches_reference_masker(dtype):
     _assert_same_bits(x, want, "in place")
 
 
-def test_instruction_set_paths_match():
-    """The AVX-512, AVX2 and baseline (SSE2) builds of the row loop give the same bits (FORGETKERN_CPU_ISA caps
-    the choice; read once per process, so each path runs in its own process)."""
-    code = textwrap.dedent("""
-        import torch
-        from forgetkern import _ext
-        from forgetkern.reference import lora_linear as ref
-        from tests.test_lora_dropout import BITS, _special
-        ops = _ext.cpu_ops()
-        for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            for rows, cols, row0 in ((37, 45, 0), (129, 1031, 2**31 - 7), (3, 7, 1)):
-                x, d = _special(rows, cols, dt, 1), _special(rows, cols, dt, 2)
-                drop = ~ref.keep_mask_int64(77, 0.3, rows, cols, row0=row0)
-                mk = ref._Masker(77, 0.3, x)
-                want, got = mk.apply(x, drop), ops.lora_dropout(x, 77, 0.3, row0)
-                want_add, got_add = d.clone(), d.clone()
-                mk.add_(want_add, x, drop)
-                ops.lora_dropout_add_(got_add, x, 77, 0.3, row0)
-                for g, w in ((got, want), (got_add, want_add)):
-                    nan = w.isnan()
-                    assert torch.equal(g.isnan(), nan), (dt, rows, cols)
-                    assert torch.equal(g.view(BITS[dt])[~nan], w.view(BITS[dt])[~nan]), (dt, rows, cols)
-        print("ok")
-    """)
-    for isa in ("avx512", "avx2", "baseline"):
-        env = {**os.environ, "FORGETKERN_CPU_ISA": isa, "PYTHONPATH": ROOT}
-        res = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
-                             timeout=300)
-        assert res.returncode == 0 and res.stdout.strip().endswith("ok"), (isa, res.stderr[-3000:])
-    env = {**os.environ, "FORGETKERN_CPU_ISA": "sse9", "PYTHONPATH": ROOT}
-    res = subprocess.run([sys.executable, "-c", "import torch; from forgetkern import _ext; "
-                          "_ext.cpu_ops().lora_dropout(torch.ones(2, 2), 1, 0.5, 0)"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode != 0 and "FORGETKERN_CPU_ISA must be baseline, avx2 or avx512" in res.stderr
+@pytest.mark.parametrize("isa", isa_params())
+def test_instruction_set_paths_match(use_isa, isa):
+    """The AVX-512, AVX2 and baseline (SSE2) builds of the row loop give the same bits (FORGETKERN_CPU_ISA picks
+    the path, as for every CPU kernel: csrc/cpu/cpu_isa.h)."""
+    use_isa(isa)
+    ops = _ext.cpu_ops()
+    for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for rows, cols, row0 in ((37, 45, 0), (129, 1031, 2**31 - 7), (3, 7, 1)):
+            x, d = _special(rows, cols, dt, 1), _special(rows, cols, dt, 2)
+            drop = ~ref.keep_mask_int64(77, 0.3, rows, cols, row0=row0)
+            mk = ref._Masker(77, 0.3, x)
+            want, got = mk.apply(x, drop), ops.lora_dropout(x, 77, 0.3, row0)
+            want_add, got_add = d.clone(), d.clone()
+            mk.add_(want_add, x, drop)
+            ops.lora_dropout_add_(got_add, x, 77, 0.3, row0)
+            for g, w in ((got, want), (got_add, want_add)):
+                nan = w.isnan()
+                assert torch.equal(g.isnan(), nan), (dt, rows, cols)
+                assert torch.equal(g.view(BITS[dt])[~nan], w.view(BITS[dt])[~nan]), (dt, rows, cols)
+
+
+def test_unknown_instruction_set_is_refused(monkeypatch):
+    monkeypatch.setenv("FORGETKERN_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="FORGETKERN_CPU_ISA='sse9' is not an instruction set"):
+        _ext.cpu_ops().lora_dropout(torch.ones(2, 2), 1, 0.5, 0)
 
 
 def test_bad_inputs():

@@ -10,8 +10,8 @@
 //
 // OpenMP over rows (blocks of at least kParallelMin elements); the column loop vectorises. The 32-bit multiplies
 // of the hash have no SSE2 vector instruction (the build's x86-64 baseline), so on x86-64 the row loop is also
-// compiled for AVX2 and AVX-512BW and the best one the CPU supports runs. FORGETKERN_CPU_ISA=avx2 / baseline
-// caps that choice (read once, on the first call; for tests and benchmarks of the other paths).
+// compiled for AVX2 and AVX-512 and the one of active_cpu_isa() runs (cpu_isa.h: the best the CPU supports, or
+// FORGETKERN_CPU_ISA).
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -22,6 +22,7 @@
 #include <cstring>
 #include <limits>
 
+#include "cpu_isa.h"
 #include "forgetkern/lora_linear.h"
 #include "multi_tensor_cpu.h"
 
@@ -111,61 +112,28 @@ void drop_rows_baseline(const DropJob& job, int64_t r_begin, int64_t r_end) {
   drop_rows<S, ADD>(job, r_begin, r_end);
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FK_DROPOUT_X86 1
+#if FK_CPU_X86
 template <typename S, bool ADD>
-__attribute__((target("avx2"))) void drop_rows_avx2(const DropJob& job, int64_t r_begin, int64_t r_end) {
+FK_TARGET_AVX2 void drop_rows_avx2(const DropJob& job, int64_t r_begin, int64_t r_end) {
   drop_rows<S, ADD>(job, r_begin, r_end);
 }
 
 template <typename S, bool ADD>
-__attribute__((target("avx512f,avx512bw"))) void drop_rows_avx512(const DropJob& job, int64_t r_begin,
-                                                                    int64_t r_end) {
+FK_TARGET_AVX512 void drop_rows_avx512(const DropJob& job, int64_t r_begin, int64_t r_end) {
   drop_rows<S, ADD>(job, r_begin, r_end);
 }
 #endif
-
-enum class Isa { Baseline = 0, Avx2 = 1, Avx512 = 2 };
-
-Isa detect_isa() {
-#ifdef FK_DROPOUT_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::Avx512;
-  if (__builtin_cpu_supports("avx2")) return Isa::Avx2;
-#endif
-  return Isa::Baseline;
-}
-
-// The instruction set of the row loop: the best the CPU has, at most FORGETKERN_CPU_ISA.
-Isa chosen_isa() {
-  static const Isa isa = [] {
-    const Isa best = detect_isa();
-    const char* cap = std::getenv("FORGETKERN_CPU_ISA");
-    if (cap == nullptr || cap[0] == '\0') return best;
-    Isa want = Isa::Avx512;
-    if (std::strcmp(cap, "baseline") == 0) {
-      want = Isa::Baseline;
-    } else if (std::strcmp(cap, "avx2") == 0) {
-      want = Isa::Avx2;
-    } else {
-      TORCH_CHECK(std::strcmp(cap, "avx512") == 0, "forgetkern_cpu::lora_dropout: FORGETKERN_CPU_ISA must be "
-                  "baseline, avx2 or avx512 (the most the CPU kernels may use), got '", cap, "'");
-    }
-    return static_cast<int>(want) < static_cast<int>(best) ? want : best;
-  }();
-  return isa;
-}
 
 template <bool ADD>
 RowsFn pick_rows(c10::ScalarType dtype, const char* op) {
   RowsFn fn = nullptr;
-  const Isa isa = chosen_isa();
+  const CpuIsa isa = active_cpu_isa();
   dispatch_float(dtype, op, [&](auto s) {
     using S = decltype(s);
     fn = &drop_rows_baseline<S, ADD>;
-#ifdef FK_DROPOUT_X86
-    if (isa == Isa::Avx2) fn = &drop_rows_avx2<S, ADD>;
-    if (isa == Isa::Avx512) fn = &drop_rows_avx512<S, ADD>;
+#if FK_CPU_X86
+    if (isa == CpuIsa::Avx2) fn = &drop_rows_avx2<S, ADD>;
+    if (isa == CpuIsa::Avx512) fn = &drop_rows_avx512<S, ADD>;
 #else
     (void)isa;
 #endif
