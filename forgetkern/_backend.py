@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import functools
 import os
+import types
 from typing import Iterator, Mapping, Optional
 
 import torch
@@ -99,6 +100,12 @@ def _cpp_kernels_missing(op: str) -> Optional[str]:
 def availability(device_type: str, op: Optional[str] = None) -> Mapping[str, Optional[str]]:
     """For each concrete backend: ``None`` if it can run on ``device_type`` (``op`` on it, when given), else the
     reason it cannot."""
+    # cached: what was loaded does not change within a process; the Triton interpreter switch is read each time
+    return _availability(device_type, op, triton_interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def _availability(device_type: str, op: Optional[str], interpreting: bool) -> Mapping[str, Optional[str]]:
     from forgetkern import _ext
 
     out: dict[str, Optional[str]] = {"torch": None}
@@ -115,13 +122,13 @@ def availability(device_type: str, op: Optional[str] = None) -> Mapping[str, Opt
         out["triton"] = "triton is not installed"
     elif device_type == "cuda":
         out["triton"] = None
-    elif device_type == "cpu" and triton_interpreting():
+    elif device_type == "cpu" and interpreting:
         out["triton"] = None
     else:
         out["triton"] = f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device_type!r}"
     if op in CPP_COMPOSED and out["cpp"] is None:
         out["cpp"] = _cpp_kernels_missing(op)
-    return out
+    return types.MappingProxyType(out)
 
 
 _AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}

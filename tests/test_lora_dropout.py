@@ -214,9 +214,13 @@ def test_auto_picks_cpp_on_cpu():
 def test_build_without_the_kernels_falls_back(monkeypatch):
     """An extension built from sources older than lora_dropout: auto runs torch, an explicit cpp says rebuild."""
     monkeypatch.setitem(_backend.CPP_COMPOSED, "lora_linear", ("lora_dropout", "lora_dropout_v0"))
-    assert "lora_dropout_v0" in _backend.availability("cpu", "lora_linear")["cpp"]
-    assert _backend.availability("cpu")["cpp"] is None  # the other cpp ops are unaffected
-    assert _backend.resolve("lora_linear", torch.device("cpu")) == "torch"
-    with forgetkern.use_backend("cpp"):
-        with pytest.raises(forgetkern.BackendError, match="lacks the kernels lora_dropout_v0.*rebuild"):
-            _backend.resolve("lora_linear", torch.device("cpu"))
+    _backend._availability.cache_clear()  # availability is cached per process
+    try:
+        assert "lora_dropout_v0" in _backend.availability("cpu", "lora_linear")["cpp"]
+        assert _backend.availability("cpu")["cpp"] is None  # the other cpp ops are unaffected
+        assert _backend.resolve("lora_linear", torch.device("cpu")) == "torch"
+        with forgetkern.use_backend("cpp"):
+            with pytest.raises(forgetkern.BackendError, match="lacks the kernels lora_dropout_v0.*rebuild"):
+                _backend.resolve("lora_linear", torch.device("cpu"))
+    finally:
+        _backend._availability.cache_clear()

@@ -566,6 +566,14 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Seq
     return _run(x, [weight], [bias], [list(adapters)], bool(training), seed)[0]
 
 
+def lora_linear_planned(x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]], per_layer, *,
+                        training: bool) -> List[Tensor]:
+    """:func:`lora_linear_siblings` without the argument checks, for ``forgetkern.patch``: its plan reads the
+    arguments off PEFT layers and validates the dtype, device and size of each one before the call (the checks
+    cost about as much as a small layer's whole LoRA branch)."""
+    return _run(x, weights, biases, per_layer, training, None)
+
+
 def lora_linear_siblings(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                          adapters_per_layer: Sequence[Sequence[LoraAdapter]], *, training: bool,
                          seed: Optional[int] = None) -> List[Tensor]:

@@ -34,7 +34,7 @@ def _lora_layer_type():
 def _check_op_available() -> None:
     try:
         ops = lora._ops()
-        ops.lora_linear, ops.lora_linear_siblings, ops.LoraAdapter  # noqa: B018
+        ops.lora_linear_planned, ops.LoraAdapter  # noqa: B018
     except (ImportError, AttributeError) as e:
         raise ImportError(f"forgetkern.patch: the fused LoRA op (forgetkern.ops.lora_linear) is unavailable: "
                           f"{e}") from e

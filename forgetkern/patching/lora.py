@@ -220,7 +220,7 @@ def run_op(state: LayerState, plan):
     x, w, b, adapters, training, ac = plan
     ops = _ops()
     with _backend_ctx(state.backend), _no_autocast(ac, x.device.type):
-        return ops.lora_linear(x, w, b, adapters, training=training, seed=None)
+        return ops.lora_linear_planned(x, [w], [b], [adapters], training=training)[0]
 
 
 class _Null:

@@ -91,8 +91,8 @@ class SiblingGroup:
         state = module._forgetkern_state
         ops = lora._ops()
         with lora._backend_ctx(state.backend), lora._no_autocast(ac, x.device.type):
-            outs = ops.lora_linear_siblings(plan[0], [p[1] for p in plans], [p[2] for p in plans],
-                                            [p[3] for p in plans], training=False, seed=None)
+            outs = ops.lora_linear_planned(plan[0], [p[1] for p in plans], [p[2] for p in plans],
+                                           [p[3] for p in plans], training=False)
         self.fused_calls += 1
         mine = None
         for m, out in zip(self.members, outs):
