@@ -30,6 +30,12 @@ the same step with the adapters disabled (inputs requiring grad, so the backward
 layer): PEFT step / frozen-base step is the most any LoRA implementation can gain, and
 ``lora_overhead`` = step - frozen-base step is what each provider spends on LoRA (compute, optimizer, calls).
 
+Bytes (``--part bytes``, no timing): the Triton forward on the SmolLM2 shapes (bf16, ``--bytes-tokens`` rows) run in
+the Triton interpreter, its loads and stores counted (``forgetkern.testing.bytes_moved``) and required to equal
+the kernels' tile model (each operand panel re-read once per tile of the other side) with y and xa stored
+exactly once; next to it the compulsory minimum (inputs read once, outputs written once) and, modelled, the
+same tile model with the sm_90 tiles and the compulsory traffic of PEFT's op-by-op forward.
+
 Timing: providers are measured in interleaved rounds (A, B, C, A, B, C, ...) so that load from other processes
 on a shared machine hits them alike; median and 20/80 percentiles of the rounds are reported. Every provider is
 checked against PEFT (same output and gradients, dropout 0) before it is timed. Results: a table on stdout and
@@ -297,12 +303,55 @@ def bench_model(res: bc.Results, p: float, batch: int, seq: int, rounds: int, ab
     gc.collect()
 
 
+# ---------------------------------------------------------------------------------------------- bytes moved
+
+
+def bench_bytes(res: bc.Results, tokens: int) -> None:
+    """Bytes the Triton forward loads and stores, counted in the interpreter (32x32 tiles) and checked against the
+    tile model; the compulsory minimum; modelled: the tile model with the sm_90 tiles and PEFT's op-by-op
+    traffic (no GPU ran any of this)."""
+    from forgetkern.testing import bytes_moved as bm
+    from forgetkern.triton import lora_linear as tri
+
+    dt, esz, r = torch.bfloat16, 2, RANK
+    g = torch.Generator().manual_seed(0)
+    for label, k, n in SHAPES["smollm2"]:
+        x, w = torch.randn(tokens, k, generator=g).to(dt), torch.randn(n, k, generator=g).to(dt)
+        a, b = torch.randn(r, k, generator=g).to(dt), torch.randn(n, r, generator=g).to(dt)
+        with bm.count_bytes() as moved:
+            tri.lora_linear_fwd(x, [w], [], [], [a], [b], [0], [2.0], [0.0], [0])
+        interp = tri._BIG["interp"][:2] + (tri._SKINNY["interp"][0], 16)
+        loads, stores = bm.lora_forward_tile_bytes(tokens, k, n, r, esz, False, interp)
+        assert (moved.loads, moved.stores) == (loads, stores), (label, moved.loads, loads, moved.stores, stores)
+        sm90 = tri._BIG[("sm90", True)][:2] + (tri._SKINNY[("sm90", True)][0], 16)
+        l90, s90 = bm.lora_forward_tile_bytes(tokens, k, n, r, esz, False, sm90)
+        minimum = bm.lora_forward_min_bytes(tokens, k, n, r, esz, False)
+        op, size = f"lora_linear fwd bytes {label} {k}->{n} t={tokens} bf16", tokens * k
+        res.add(bc.Row(op, "forgetkern", "interpreter", "bytes_moved", size, "MB", moved.total / bc.MB,
+                       note="interpreter count (32x32 tiles), equal to the tile model"))
+        res.add(bc.Row(op, "forgetkern", "interpreter", "stores_vs_outputs", size, "x",
+                       moved.stores / ((tokens * n + tokens * r) * esz), note="y and xa written exactly once"))
+        res.add(bc.Row(op, "forgetkern", "minimum", "bytes_moved", size, "MB", minimum / bc.MB,
+                       note="compulsory: inputs read once, outputs written once"))
+        res.add(bc.Row(op, "forgetkern", "modelled sm90 tiles", "bytes_moved", size, "MB", (l90 + s90) / bc.MB,
+                       note="modelled: tile model with the sm_90 tiles (re-reads mostly L2 hits)"))
+        for p in (0.0, 0.1):
+            peft_min = bm.peft_forward_min_bytes(tokens, k, n, r, esz, False, p > 0)
+            res.add(bc.Row(op, "peft", f"modelled dropout={p:g}", "bytes_moved", size, "MB", peft_min / bc.MB,
+                           note="modelled: PEFT's ops, each reading its inputs and writing its output once"))
+            res.add(bc.Row(op, "forgetkern", f"modelled dropout={p:g}", "min_vs_peft", size, "x",
+                           minimum / peft_min, note="modelled: compulsory bytes, fused / PEFT"))
+        log(f"{op}: interpreter {moved.total / bc.MB:.2f} MB (= tile model), minimum {minimum / bc.MB:.2f} MB, "
+            f"PEFT modelled {bm.peft_forward_min_bytes(tokens, k, n, r, esz, False, False) / bc.MB:.2f} MB")
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", default="layer,model", help="comma list of: layer, model")
+    ap.add_argument("--part", default="layer,model,bytes", help="comma list of: layer, model, bytes")
+    ap.add_argument("--bytes-tokens", type=int, default=512, help="tokens for the bytes-moved count")
     ap.add_argument("--shapes", default="tiny,smollm2,llama7b", help="comma list of: tiny (64x64, 8 tokens: "
                                                                      "per-call overhead), smollm2, llama7b")
     ap.add_argument("--dropout", default="0,0.1", help="comma list of LoRA dropout rates")
@@ -323,6 +372,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     parts = set(args.part.split(","))
+    if "bytes" in parts:  # before any Triton kernel is defined
+        __import__("os").environ["TRITON_INTERPRET"] = "1"
     dropouts = [float(v) for v in args.dropout.split(",")]
     import peft
     import transformers
@@ -341,6 +392,8 @@ def main(argv=None) -> int:
                 for p in dropouts:
                     bench_layer(res, label, n_in, n_out, tokens, p, rounds)
                     gc.collect()
+    if "bytes" in parts:
+        bench_bytes(res, args.bytes_tokens)
     if "model" in parts:
         for dt in args.model_dtype.split(","):
             for p in dropouts:
@@ -353,7 +406,8 @@ def main(argv=None) -> int:
                        ("overhead/PEFT", "overhead_vs_peft"), ("saved MB", "saved_bytes"),
                        ("saved/PEFT", "saved_vs_peft"), ("x PEFT", "speedup_vs_peft"),
                        ("peak MB (torch_alloc)", "peak_mem:torch_alloc"), ("RSS+ MB", "peak_mem:rss_hwm"),
-                       ("peak/PEFT", "peak_mem_vs_peft")]))
+                       ("peak/PEFT", "peak_mem_vs_peft"), ("MB moved", "bytes_moved"),
+                       ("min/PEFT", "min_vs_peft")]))
     paths = res.write(args.out)
     print(f"\nload average at the end: {res.meta['load_avg_end']}; wrote {paths[0]} and {paths[1]} "
           f"({res.meta['wall_s']:.0f} s)")

@@ -66,3 +66,17 @@ def test_bench_ewc_tiny_run_writes_expected_rows(tmp_path):
     assert doc["meta"]["torch_threads"] == 1 and doc["meta"]["copy_bandwidth"]["best_gbps"] > 0
     assert len(doc["rows"]) == len(rows)
     assert "PASS" in proc.stdout or "MISS" in proc.stdout
+
+
+def test_bench_lora_bytes_part_counts_the_tile_model(tmp_path):
+    """The bytes part of bench_lora.py: interpreter counts equal to the tile model, outputs written once."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_lora.py"), "--part", "bytes", "--bytes-tokens", "40",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"bench_lora.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    with open(tmp_path / "bench_lora.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    stores = [float(r["median"]) for r in rows if r["metric"] == "stores_vs_outputs"]
+    assert len(stores) == 4 and all(s == 1.0 for s in stores)
+    ratios = [float(r["median"]) for r in rows if r["metric"] == "min_vs_peft"]
+    assert len(ratios) == 8 and all(0 < v < 1 for v in ratios)

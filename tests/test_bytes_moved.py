@@ -95,3 +95,48 @@ def test_fisher_accumulate_reads_f_g_writes_f_once(fd, gd):
     esz_f, esz_g = fishers[0].element_size(), grads[0].element_size()
     assert moved.launches == ["fisher_accumulate_kernel"]
     _ratio(moved, sum(sizes) * (2 * esz_f + esz_g), f"fisher_accumulate_ F={fd} g={gd}")
+
+
+# ---- LoRA linear (forgetkern/triton/lora_linear.py) ---------------------------------------------------------
+# Tiled GEMMs re-read their operands once per tile of the other side (on a GPU mostly from L2), so the check is
+# against the exact tile model of the kernels' loads, and the stores must be the outputs exactly once: y and
+# the rank-r product in the forward, nothing of y's size twice (PEFT writes the base output, the LoRA output
+# and their sum).
+
+from forgetkern.testing.bytes_moved import lora_forward_min_bytes, lora_forward_tile_bytes  # noqa: E402
+from forgetkern.triton import lora_linear as tri_lora  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_lora_forward_moves_the_tile_model_and_writes_outputs_once(dtype, bias):
+    m, k, n, r = 96, 80, 72, 8
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
+    a, b = torch.randn(r, k, generator=g).to(dtype), torch.randn(n, r, generator=g).to(dtype)
+    bs = [torch.randn(n, generator=g).to(dtype)] if bias else []
+    with count_bytes() as moved:
+        ys, xa = tri_lora.lora_linear_fwd(x, [w], bs, [0] if bias else [], [a], [b], [0], [2.0], [0.0], [0])
+    esz = x.element_size()
+    bm, bn = tri_lora._BIG["interp"][:2]
+    rbm, bq = tri_lora._SKINNY["interp"][0], 16
+    loads, stores = lora_forward_tile_bytes(m, k, n, r, esz, bias, (bm, bn, rbm, bq))
+    assert moved.launches == ["_rows_kernel", "_fwd_kernel"]
+    assert moved.stores == stores == (m * n + m * r) * esz  # y and xa, each written once
+    assert moved.loads == loads, (moved.loads, loads)
+    print(f"\nlora fwd {dtype} bias={bias}: loads={moved.loads} stores={moved.stores} "
+          f"minimum={lora_forward_min_bytes(m, k, n, r, esz, bias)}")
+
+
+def test_lora_backward_writes_each_gradient_once():
+    m, k, n, r = 96, 80, 72, 8
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    a, b = torch.randn(r, k, generator=g), torch.randn(n, r, generator=g)
+    xa, dy = x @ a.t(), torch.randn(m, n, generator=g)
+    with count_bytes() as moved:
+        dx, da, db = tri_lora.lora_linear_bwd([dy], x, [w], [a], [b], xa, [0], [2.0], [0.0], [0], True, True, True)
+    esz = 4
+    # g = s dy B [M, r] (one rank-r buffer), then dx, dA, dB: every output written exactly once
+    assert moved.stores == (m * r + m * k + r * k + n * r) * esz, moved.stores
+    torch.testing.assert_close(dx, dy @ w + 2.0 * (dy @ b) @ a, rtol=1e-4, atol=1e-4)

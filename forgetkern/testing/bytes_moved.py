@@ -112,3 +112,37 @@ def count_bytes() -> Iterator[BytesMoved]:
         _active.remove(counter)
         if not _active:
             _uninstall()
+
+
+# ---- analytic models of the LoRA forward's memory traffic (x [M, K], W [N, K], A [r, K], B [N, r]) -----------
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def lora_forward_tile_bytes(m: int, k: int, n: int, r: int, esz: int, bias: bool, tiles: tuple) -> tuple:
+    """``(loads, stores)`` of forgetkern's Triton forward for one adapter without dropout, every tile load counted:
+    ``xa = x A^T`` (rows kernel, ``tiles[2:]`` = its BM, BQ) then ``y = x W^T + (xa * s) B^T + b`` (fwd kernel,
+    ``tiles[:2]`` = BM, BN). A GEMM tile re-reads its operand panels once per tile of the other side; on a GPU
+    those re-reads mostly hit L2."""
+    bm, bn, rbm, bq = tiles
+    rows = _cdiv(r, bq) * m * k * esz + _cdiv(m, rbm) * k * r * esz
+    fwd = (_cdiv(n, bn) * m * (k + r) * esz + _cdiv(m, bm) * n * (k + r) * esz
+           + _cdiv(m, bm) * _cdiv(n, bn) * r * 4 + (_cdiv(m, bm) * n * esz if bias else 0))
+    return rows + fwd, (m * n + m * r) * esz
+
+
+def lora_forward_min_bytes(m: int, k: int, n: int, r: int, esz: int, bias: bool) -> int:
+    """The compulsory traffic of a fused forward: x, W, A, B (and b) read once; y and xa written once."""
+    return (m * k + n * k + r * k + n * r + (n if bias else 0) + m * n + m * r) * esz
+
+
+def peft_forward_min_bytes(m: int, k: int, n: int, r: int, esz: int, bias: bool, dropout: bool) -> int:
+    """The compulsory traffic of PEFT's ``lora.Linear.forward`` op by op (each op reads its inputs and writes its
+    output once): base ``y = x W^T + b``; [dropout: ``xd = x * mask / (1-p)`` plus the saved bool mask];
+    ``h = xd A^T``; ``o = h B^T``; ``o * s``; ``y + that``."""
+    base = (m * k + n * k + (n if bias else 0) + m * n) * esz
+    drop = (2 * m * k * esz + m * k) if dropout else 0
+    lora_a = (m * k + r * k + m * r) * esz
+    lora_b = (m * r + n * r + m * n) * esz
+    return base + drop + lora_a + lora_b + 2 * m * n * esz + 3 * m * n * esz
