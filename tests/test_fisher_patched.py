@@ -169,3 +169,18 @@ def test_patched_bf16_model_with_float32_adapters():
     assert _fused_calls(report) > 0 and _peft_calls(report) == 0
     # same bf16 forward up to the rounding of the fused sum: a few bf16 ulps on the Fisher
     _assert_fisher_close(got, {k: v.double() for k, v in want.items()}, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpp", "triton")
+                                     if forgetkern._backend.availability("cpu", "lora_linear")[b] is None])
+def test_lora_linear_fisher_option_on_every_backend(backend):
+    """The sink rides on the eager path (torch, cpp) and on the custom-op path (triton) alike (float32)."""
+    x, w, a, b, bias, g = (t.float().detach().requires_grad_(t.requires_grad) for t in _layer(seed=3))
+    want_a, want_b = torch.zeros_like(a), torch.zeros_like(b)
+    forgetkern.lora_persample_sq_grad_(want_a, want_b, x, g, a, b, scaling=0.5)
+    sink = LoraFisher(torch.zeros_like(a), torch.zeros_like(b), samples=3)
+    with forgetkern.use_backend(backend, op="lora_linear"):
+        lora_linear(x, w, None, [LoraAdapter(a, b, 0.5, fisher=sink)], training=False).backward(g)
+    assert sink.grads == 1
+    torch.testing.assert_close(sink.fisher_a, want_a, rtol=1e-5, atol=1e-6 * float(want_a.abs().max()))
+    torch.testing.assert_close(sink.fisher_b, want_b, rtol=1e-5, atol=1e-6 * float(want_b.abs().max()))
