@@ -197,7 +197,7 @@ def test_lora_linear_cpp_equals_torch(monkeypatch, case, dtype, chunk, path):
     if chunk is not None:
         monkeypatch.setattr(ref, "_CHUNK", chunk)
     if path == "custom-op":
-        monkeypatch.setattr(ops, "_eager", lambda ts: False)
+        monkeypatch.setattr(ops, "eager", lambda ts: False)
     lead, k_in, n_out, ads, bias, n_layers = CASES[case]
     x, layers = _make(lead, k_in, n_out, ads, bias, dtype, n_layers=n_layers)
     want = _run_lora("torch", x, layers)

@@ -19,13 +19,14 @@ Public API::
 * All tensors must share one dtype (float32/float16/bfloat16; float64 runs on the torch and cpp backends) and one
   device. Under autocast, cast at the module level first (PEFT casts ``x`` to ``lora_A.weight.dtype``).
   One exception, PEFT's default layout for half models (``autocast_adapter_dtype``): float32 adapters on a
-  float16/bfloat16 ``x`` and base, with PEFT's numerics (:class:`_MixedFn`: base in 16 bits, the branch in
-  float32 on the upcast input, the sum rounded once); torch and cpp backends, eager mode.
+  float16/bfloat16 ``x`` and base, with PEFT's numerics (``MixedFn``: base in 16 bits, the branch in float32 on
+  the upcast input, the sum rounded once); torch and cpp backends, eager mode.
 
 Fisher option: an adapter given ``fisher=LoraFisher(...)`` has the squared per-sample gradients of its
-factors added to the sink's buffers by the backward (:func:`forgetkern.lora_persample_sq_grad_` with the
-forward's ``xa`` and the output gradient: no extra forward or backward, two rank-r GEMMs over the tokens).
-:class:`forgetkern.FisherEstimator` uses it on patched models.
+factors added to the sink's buffers by the backward (``forgetkern/ops/lora_fisher.py``).
+
+Eager calls on the torch and cpp backends run a plain ``autograd.Function`` (``forgetkern/ops/_lora_eager.py``);
+the custom ops below serve ``torch.compile``, tracing and the GPU backends.
 
 ``lora_linear_siblings`` serves layers that read the same ``x`` (q/k/v, gate/up): the adapters without
 active dropout compute ``x [A_q | A_k | A_v]^T`` in ONE GEMM and their ``dx`` contributions
@@ -36,92 +37,19 @@ independent dropout masks make the inputs ``drop_q(x)``, ``drop_k(x)`` differ, s
 from __future__ import annotations
 
 import warnings
-from functools import partial
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from forgetkern import _backend
-from forgetkern.reference.lora_linear import dropout_keys, dropped
+from forgetkern.ops._lora_eager import EagerFn, MixedFn, eager, eager_kernels, lora_grads
+from forgetkern.ops.lora_fisher import LoraFisher, attach_fisher, check_fisher
+from forgetkern.reference.lora_linear import dropout_keys
 
 OP = "lora_linear"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
-
-
-class LoraFisher:
-    """Where the backward of :func:`lora_linear` adds one adapter's per-sample squared gradients.
-
-    ``fisher_a`` [r, in], ``fisher_b`` [out, r], ``fisher_bias`` [out] (the ``lora_bias``): state buffers
-    (float32, bfloat16 or float64; any may be None), updated in place by every backward while ``active``.
-    The rows of ``x`` [..., in] are grouped into samples by their leading dimension, which must be
-    ``samples`` (``x`` [N, T, in]); ``granularity="token"`` counts every row on its own. ``mask`` [N, T]
-    selects the tokens that count; ``scale`` multiplies the sum. ``found`` is the running 0-dim non-finite
-    flag (None until a backward ran) and ``grads`` counts the gradients received since the last reset: with
-    ``granularity="sample"`` a second one in the same backward (the layer ran twice) raises, as a sample's
-    gradient would then be a sum over the calls.
-    """
-
-    __slots__ = ("fisher_a", "fisher_b", "fisher_bias", "samples", "mask", "scale", "granularity", "active",
-                 "found", "grads")
-
-    def __init__(self, fisher_a: Optional[Tensor] = None, fisher_b: Optional[Tensor] = None,
-                 fisher_bias: Optional[Tensor] = None, *, samples: Optional[int] = None,
-                 mask: Optional[Tensor] = None, scale: float = 1.0, granularity: str = "sample"):
-        if fisher_a is None and fisher_b is None and fisher_bias is None:
-            raise ValueError("forgetkern.LoraFisher: fisher_a, fisher_b and fisher_bias are all None")
-        if granularity not in ("sample", "token"):
-            raise ValueError(f"forgetkern.LoraFisher: granularity must be 'sample' or 'token', got {granularity!r}")
-        self.fisher_a, self.fisher_b, self.fisher_bias = fisher_a, fisher_b, fisher_bias
-        self.samples, self.mask, self.scale, self.granularity = samples, mask, float(scale), granularity
-        self.active, self.found, self.grads = True, None, 0
-
-    def _group(self, x2: Tensor, g: Tensor, lead: tuple):
-        """``(x3, g3, mask)``: the rows as [N, T, .] samples (token: [M, 1, .])."""
-        if self.granularity == "token":
-            m = self.mask
-            m = m.reshape(-1, 1) if m is not None and tuple(m.shape) == tuple(lead) else None
-            return x2.unsqueeze(1), g.unsqueeze(1), m
-        n = self.samples
-        if len(lead) < 2 or n is None or lead[0] != n:
-            raise RuntimeError(f"forgetkern.LoraFisher: x has leading shape {tuple(lead)}, whose first dimension "
-                               f"is not the number of samples {n}; per-sample attribution needs x [N, T, in] "
-                               f"(use granularity='token')")
-        m = self.mask if self.mask is not None and tuple(self.mask.shape) == (n, x2.shape[0] // n) else None
-        return x2.view(n, -1, x2.shape[1]), g.view(n, -1, g.shape[1]), m
-
-    def _record(self, found: Tensor) -> None:
-        self.found = found if self.found is None else torch.maximum(self.found, found)
-
-
-def _fisher_hook(sink: LoraFisher, x2: Tensor, xa: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
-                 p: float, key: int, lead: tuple, g: Tensor) -> None:
-    """Tensor hook on a layer output: adds the adapter's per-sample squared gradients into ``sink``."""
-    if not sink.active:
-        return None
-    sink.grads += 1
-    if sink.grads > 1 and sink.granularity == "sample":
-        raise RuntimeError("forgetkern.LoraFisher: the layer received a second output gradient in one backward "
-                           "(it ran twice, e.g. weight sharing); its per-sample gradient is a sum over the "
-                           "calls, which is not combined: use granularity='token'")
-    from forgetkern.ops.linear_persample_sq_grad import bias_persample_sq_grad_, lora_persample_sq_grad_
-
-    with torch.no_grad():
-        g = g.reshape(-1, g.shape[-1])
-        if lora_a.dtype != x2.dtype:  # float32 adapters on a 16-bit layer: their gradients are float32
-            x2, g = x2.to(lora_a.dtype), g.to(lora_a.dtype)
-        xk = dropped(x2, key, p) if p > 0.0 else x2
-        x3, g3, mask = sink._group(xk, g.contiguous(), lead)
-        if sink.fisher_a is not None or sink.fisher_b is not None:
-            xa3 = xa.reshape(x3.shape[0], x3.shape[1], xa.shape[1])
-            sink._record(lora_persample_sq_grad_(sink.fisher_a, sink.fisher_b, x3, g3, lora_a, lora_b,
-                                                 scaling=scaling, scale=sink.scale, mask=mask,
-                                                 granularity=sink.granularity, xa=xa3))
-        if sink.fisher_bias is not None:
-            sink._record(bias_persample_sq_grad_(sink.fisher_bias, g3, scale=sink.scale * scaling * scaling,
-                                                 mask=mask, granularity=sink.granularity))
-    return None
 
 
 class LoraAdapter(NamedTuple):
@@ -191,21 +119,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dys, _dxa):
     n_l, n_ad, layer, scaling, dropout_p, keys, bias_layer = ctx.meta
     need_dx, need_a, need_b, need_bias = ctx.need
-    need_da, need_db = any(need_a), any(need_b)
     saved = ctx.saved_tensors
     x, xa, weights = saved[0], saved[1], list(saved[2:2 + n_l])
     lora_a, lora_b = list(saved[2 + n_l:2 + n_l + n_ad]), list(saved[2 + n_l + n_ad:])
-    dys = [torch.zeros((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device) if d is None else d.contiguous()
-           for d, w in zip(dys, weights)]
-    dx, d_a, d_b = None, [None] * n_ad, [None] * n_ad
-    if need_dx or need_da or need_db:
-        dx, d_a, d_b = _bwd_op(dys, x, weights, lora_a, lora_b, xa, layer, scaling, dropout_p, keys,
-                               need_dx, need_da, need_db)
-        dx = dx if need_dx else None
-        d_a = [t if need else None for t, need in zip(d_a, need_a)]
-        d_b = [t if need else None for t, need in zip(d_b, need_b)]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    d_bias = [dys[li].sum(0, dtype=acc).to(x.dtype) if need else None for li, need in zip(bias_layer, need_bias)]
+    dx, d_a, d_b, d_bias = lora_grads(_bwd_op, dys, x, xa, weights, lora_a, lora_b, layer, scaling, dropout_p,
+                                      keys, bias_layer, need_dx, need_a, need_b, need_bias)
 
     def nog(v):  # an empty non-tensor list is flattened like an (empty) tensor list: mirror its structure
         return [] if len(v) == 0 else None
@@ -216,135 +134,6 @@ def _backward(ctx, dys, _dxa):
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
-
-class _EagerFn(torch.autograd.Function):
-    """The same forward / backward as the custom ops, for eager calls on the torch and cpp backends.
-
-    ``torch.library`` autograd flattens every list argument on each call (~0.2 ms forward + 0.2 ms backward,
-    as much as a small layer's whole LoRA branch); a plain ``autograd.Function`` calls the same backend
-    functions and saves the same tensors (``x``, ``xa`` and the weights, which the module holds anyway).
-    The custom ops remain the path for ``torch.compile``, tracing and dispatch modes.
-    """
-
-    @staticmethod
-    def forward(ctx, kernels, meta, x, *tensors):
-        n_l, n_b, n_ad, bias_layer, layer, scaling, dropout_p, keys = meta
-        weights, biases = list(tensors[:n_l]), list(tensors[n_l:n_l + n_b])
-        lora_a, lora_b = list(tensors[n_l + n_b:n_l + n_b + n_ad]), list(tensors[n_l + n_b + n_ad:])
-        ys, xa = kernels[0](x, weights, biases, bias_layer, lora_a, lora_b, layer, scaling, dropout_p, keys)
-        ctx.save_for_backward(x, xa, *weights, *lora_a, *lora_b)  # as the custom op: in-place edits are caught
-        ctx.meta, ctx.bwd = meta, kernels[1]
-        ctx.mark_non_differentiable(xa)
-        ctx.set_materialize_grads(False)
-        return (*ys, xa)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        n_l, n_b, n_ad, bias_layer, layer, scaling, dropout_p, keys = ctx.meta
-        need = ctx.needs_input_grad[1:]  # past ``kernels``
-        need_dx = need[1]
-        need_a, need_b = need[2 + n_l + n_b:2 + n_l + n_b + n_ad], need[2 + n_l + n_b + n_ad:]
-        need_da, need_db = any(need_a), any(need_b)
-        saved = ctx.saved_tensors
-        x, xa, weights = saved[0], saved[1], list(saved[2:2 + n_l])
-        lora_a, lora_b = list(saved[2 + n_l:2 + n_l + n_ad]), list(saved[2 + n_l + n_ad:])
-        dys = [torch.zeros((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device) if d is None
-               else d.contiguous() for d, w in zip(grads[:-1], weights)]
-        dx, d_a, d_b = None, [None] * n_ad, [None] * n_ad
-        if need_dx or need_da or need_db:
-            dx, d_a, d_b = ctx.bwd(dys, x, weights, lora_a, lora_b, xa, layer, scaling, dropout_p,
-                                   keys, need_dx, need_da, need_db)
-            dx = dx if need_dx else None
-            d_a = [t if n else None for t, n in zip(d_a, need_a)]
-            d_b = [t if n else None for t, n in zip(d_b, need_b)]
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        d_bias = [dys[li].sum(0, dtype=acc).to(x.dtype) if n else None
-                  for li, n in zip(bias_layer, need[2 + n_l:2 + n_l + n_b])]
-        return (None, None, dx, *([None] * n_l), *d_bias, *d_a, *d_b)
-
-
-class _MixedFn(torch.autograd.Function):
-    """One layer with a 16-bit ``x`` / base and float32 adapters (PEFT's default for half models, its
-    ``autocast_adapter_dtype``), with PEFT's numerics: the base output in the input's dtype, the LoRA branch
-    in float32 on the upcast input, their sum rounded once to the input's dtype::
-
-        y = S_x( S_x(x W^T + b) + sum_k s_k drop_k(x32) A_k^T B_k^T + lbias )     lbias = sum_k s_k lora_bias_k
-
-    Saved for backward: ``x`` (16-bit) and ``xa`` [M, sum r] float32; the float32 copy of ``x`` (which PEFT
-    keeps for ``lora_A``'s backward) is recomputed. ``dx = dy W + S_x(sum_k drop_k^T(g_k A_k))``.
-    """
-
-    @staticmethod
-    def forward(ctx, kernels, meta, x, weight, bias, lbias, *tensors):
-        layer, scaling, dropout_p, keys = meta
-        n_ad = len(layer)
-        lora_a, lora_b = list(tensors[:n_ad]), list(tensors[n_ad:])
-        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
-        _, xa = kernels[0](x.float(), [], [], [], lora_a, lora_b, layer, scaling, dropout_p, keys)
-        y32 = y.float()
-        if lbias is not None:
-            y32.add_(lbias)
-        off = 0
-        for a, b, s in zip(lora_a, lora_b, scaling):
-            r = a.shape[0]
-            y32.addmm_(xa[:, off:off + r], b.t(), alpha=s)
-            off += r
-        y.copy_(y32)
-        ctx.save_for_backward(x, xa, weight, *lora_a, *lora_b)
-        ctx.meta, ctx.bwd = meta, kernels[1]
-        ctx.mark_non_differentiable(xa)
-        ctx.set_materialize_grads(False)
-        return y, xa
-
-    @staticmethod
-    def backward(ctx, dy, _dxa):
-        layer, scaling, dropout_p, keys = ctx.meta
-        need = ctx.needs_input_grad
-        n_ad = len(layer)
-        need_dx, need_bias, need_lbias = need[2], need[4], need[5]
-        need_a, need_b = need[6:6 + n_ad], need[6 + n_ad:]
-        x, xa, weight = ctx.saved_tensors[:3]
-        lora_a, lora_b = list(ctx.saved_tensors[3:3 + n_ad]), list(ctx.saved_tensors[3 + n_ad:])
-        if dy is None:
-            dy = torch.zeros((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
-        dy = dy.contiguous()
-        dy32 = dy.float()
-        dx, d_a, d_b = None, [None] * n_ad, [None] * n_ad
-        if need_dx or any(need_a) or any(need_b):
-            dx_l, d_a, d_b = ctx.bwd([dy32], x.float(), [], lora_a, lora_b, xa, layer, scaling, dropout_p, keys,
-                                     need_dx, any(need_a), any(need_b))
-            if need_dx:
-                dx = torch.mm(dy, weight)
-                dx.add_(dx_l)
-            d_a = [t if n else None for t, n in zip(d_a, need_a)]
-            d_b = [t if n else None for t, n in zip(d_b, need_b)]
-        d_bias = dy32.sum(0).to(x.dtype) if need_bias else None
-        d_lbias = dy32.sum(0) if need_lbias else None
-        return (None, None, dx, None, d_bias, d_lbias, *d_a, *d_b)
-
-
-_EAGER_KERNELS: dict = {}  # backend -> (fwd, bwd), looked up once
-
-
-def _eager_kernels(backend: str):
-    """``(fwd, bwd)`` for :class:`_EagerFn` when ``backend`` runs eagerly (torch GEMMs on the host), else None."""
-    if backend not in ("torch", "cpp"):
-        return None
-    kernels = _EAGER_KERNELS.get(backend)
-    if kernels is None:
-        kernels = _EAGER_KERNELS[backend] = (_backend.kernel(OP, "lora_linear_fwd", backend),
-                                             _backend.kernel(OP, "lora_linear_bwd", backend))
-    return kernels
-
-
-def _eager(tensors) -> bool:
-    """True when a call can take :class:`_EagerFn`: plain tensors, no compile / tracing / dispatch mode."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return False
-    for t in tensors:
-        if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
-            return False
-    return True
 
 _warned_weight = False
 
@@ -367,23 +156,6 @@ def _check_tensor(t, name: str, ref: Tensor, shape: tuple, dtype: Optional[torch
         raise ValueError(_name(name, f" is on {t.device} but x is on {ref.device}"))
     if tuple(t.shape) != shape:
         raise ValueError(_name(name, f" has shape {tuple(t.shape)}, expected {shape}"))
-
-
-def _check_fisher(sink, where: str, x: Tensor, shape_a: tuple, shape_b: tuple) -> None:
-    if not isinstance(sink, LoraFisher):
-        raise TypeError(_name(where, f".fisher must be a LoraFisher or None, got {type(sink).__name__}"))
-    for attr, shape in (("fisher_a", shape_a), ("fisher_b", shape_b), ("fisher_bias", shape_b[:1])):
-        t = getattr(sink, attr)
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
-            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(_name(where, f".fisher.{attr} must be a Tensor of shape {shape}, got {got}"))
-        if t.device != x.device:
-            raise ValueError(_name(where, f".fisher.{attr} is on {t.device} but x is on {x.device}"))
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float64):
-            raise TypeError(_name(where, f".fisher.{attr} has dtype {t.dtype}; expected float32, bfloat16 or "
-                                         f"float64 (float16 state overflows)"))
 
 
 def _check_layer(x: Tensor, weight, bias, adapters, li: Optional[int]):
@@ -414,7 +186,7 @@ def _check_layer(x: Tensor, weight, bias, adapters, li: Optional[int]):
         if ad.lora_bias is not None:
             _check_tensor(ad.lora_bias, f"{w}.lora_bias", x, (n_out,), torch.float32 if mixed else None)
         if ad.fisher is not None:
-            _check_fisher(ad.fisher, w, x, (r, k_in), (n_out, r))
+            check_fisher(ad.fisher, w, x, (r, k_in), (n_out, r))
         for attr in ("scaling", "dropout_p"):
             v = getattr(ad, attr)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
@@ -457,9 +229,9 @@ def _check_x(x, seed) -> None:
 
 
 def mixed_supported(x: Tensor) -> bool:
-    """Whether float32 adapters on a 16-bit ``x`` (:class:`_MixedFn`) can run for ``x``: the torch and cpp
+    """Whether float32 adapters on a 16-bit ``x`` (``MixedFn``) can run for ``x``: the torch and cpp
     backends, eagerly. Elsewhere such a call raises (``forgetkern.patch`` leaves it on PEFT's path)."""
-    return x.dtype in _HALF and _eager_kernels(_impl_name(x)) is not None and _eager((x,))
+    return x.dtype in _HALF and eager_kernels(_impl_name(x)) is not None and eager((x,))
 
 
 def _run_mixed(x2: Tensor, lead, weight: Tensor, bias: Optional[Tensor], ads, training: bool,
@@ -482,10 +254,10 @@ def _run_mixed(x2: Tensor, lead, weight: Tensor, bias: Optional[Tensor], ads, tr
         keys = dropout_keys(_draw_seed(x2.device) if seed is None else seed, len(ads))
     weight = weight if weight.is_contiguous() or weight.t().is_contiguous() else weight.contiguous()
     meta = ([0] * len(ads), scaling, dropout_p, keys)
-    y, xa = _MixedFn.apply(_eager_kernels(_impl_name(x2)), meta, x2, weight, bias, lbias, *lora_a, *lora_b)
+    y, xa = MixedFn.apply(eager_kernels(_impl_name(x2)), meta, x2, weight, bias, lbias, *lora_a, *lora_b)
     sinks = [(k, ad.fisher) for k, ad in enumerate(ads) if ad.fisher is not None]
     if sinks and torch.is_grad_enabled():
-        _attach_fisher(sinks, [y], x2, xa, lead, lora_a, lora_b, meta[0], scaling, dropout_p, keys)
+        attach_fisher(sinks, [y], x2, xa, lead, lora_a, lora_b, meta[0], scaling, dropout_p, keys)
     return y.view(*lead, y.shape[-1])
 
 
@@ -523,39 +295,19 @@ def _run(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]
     keys = [0] * len(lora_a)
     if any(p > 0 for p in dropout_p):
         keys = dropout_keys(_draw_seed(x.device) if seed is None else seed, len(lora_a))
-    kernels = _eager_kernels(_impl_name(x2))
-    if kernels is not None and _eager((x2, *weights, *bias_all, *lora_a, *lora_b)):
+    kernels = eager_kernels(_impl_name(x2))
+    if kernels is not None and eager((x2, *weights, *bias_all, *lora_a, *lora_b)):
         # the torch / cpp kernels hand W to BLAS with a transpose flag: a transposed view (GPT-2 Conv1D stores
         # [in, out]) is used as it is, without a per-call copy
         weights = [w if w.is_contiguous() or w.t().is_contiguous() else w.contiguous() for w in weights]
         meta = (len(weights), len(bias_all), len(lora_a), bias_layer, layer, scaling, dropout_p, keys)
-        *ys, xa = _EagerFn.apply(kernels, meta, x2, *weights, *bias_all, *lora_a, *lora_b)
+        *ys, xa = EagerFn.apply(kernels, meta, x2, *weights, *bias_all, *lora_a, *lora_b)
     else:
         weights = [w.contiguous() for w in weights]
         ys, xa = _fwd_op(x2, weights, bias_all, bias_layer, lora_a, lora_b, layer, scaling, dropout_p, keys)
     if sinks and torch.is_grad_enabled():
-        _attach_fisher(sinks, ys, x2, xa, lead, lora_a, lora_b, layer, scaling, dropout_p, keys)
+        attach_fisher(sinks, ys, x2, xa, lead, lora_a, lora_b, layer, scaling, dropout_p, keys)
     return [y.view(*lead, y.shape[-1]) for y in ys]
-
-
-def _attach_fisher(sinks, ys, x2, xa, lead, lora_a, lora_b, layer, scaling, dropout_p, keys) -> None:
-    """Hooks adding each sink's per-sample Fisher when its layer's output gradient arrives (LoraFisher)."""
-    if torch.compiler.is_compiling():
-        raise RuntimeError("forgetkern.lora_linear: a LoraFisher sink needs eager mode (it hooks the output "
-                           "gradient); run the Fisher estimation without torch.compile")
-    off = 0
-    offs = []
-    for a in lora_a:
-        offs.append(off)
-        off += a.shape[0]
-    x2, xa = x2.detach(), xa.detach()
-    for k, sink in sinks:
-        y = ys[layer[k]]
-        if not y.requires_grad:
-            continue
-        r = lora_a[k].shape[0]
-        y.register_hook(partial(_fisher_hook, sink, x2, xa[:, offs[k]:offs[k] + r], lora_a[k].detach(),
-                                lora_b[k].detach(), scaling[k], dropout_p[k], keys[k], tuple(lead)))
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[LoraAdapter], *,
