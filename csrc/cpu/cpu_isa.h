@@ -29,6 +29,17 @@ enum class CpuIsa : int { Baseline = 0, Avx2 = 1, Avx512 = 2 };
 #define FK_CPU_X86 0
 #endif
 
+// &KERNEL_baseline<ARGS...>, &KERNEL_avx2<ARGS...> or &KERNEL_avx512<ARGS...> for `isa`: the per-ISA
+// instantiations a kernel file defines (the last two only on x86).
+#if FK_CPU_X86
+#define FK_ISA_PICK(isa, kernel, ...)                                               \
+  ((isa) == ::forgetkern::cpu::CpuIsa::Avx512 ? &kernel##_avx512<__VA_ARGS__>       \
+   : (isa) == ::forgetkern::cpu::CpuIsa::Avx2 ? &kernel##_avx2<__VA_ARGS__>         \
+                                              : &kernel##_baseline<__VA_ARGS__>)
+#else
+#define FK_ISA_PICK(isa, kernel, ...) ((void)(isa), &kernel##_baseline<__VA_ARGS__>)
+#endif
+
 const char* cpu_isa_name(CpuIsa isa);
 CpuIsa detected_cpu_isa();  // the best ISA of this CPU (cached)
 CpuIsa active_cpu_isa();    // detected_cpu_isa() or FORGETKERN_CPU_ISA; raises on a bad value

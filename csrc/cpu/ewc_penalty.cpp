@@ -98,12 +98,7 @@ FK_TARGET_AVX512 double ewc_chunk_avx512(const EwcPtrs& ptrs, int64_t begin, int
 
 template <int MODE, typename P, typename A, typename F>
 EwcChunkFn pick_for_isa(CpuIsa isa) {
-  (void)isa;  // baseline only off x86
-#if FK_CPU_X86
-  if (isa == CpuIsa::Avx512) return &ewc_chunk_avx512<MODE, P, A, F>;
-  if (isa == CpuIsa::Avx2) return &ewc_chunk_avx2<MODE, P, A, F>;
-#endif
-  return &ewc_chunk_baseline<MODE, P, A, F>;
+  return FK_ISA_PICK(isa, ewc_chunk, MODE, P, A, F);
 }
 
 EwcChunkFn pick_kernel(CpuIsa isa, int mode, c10::ScalarType param, c10::ScalarType anchor,

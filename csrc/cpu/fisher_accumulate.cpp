@@ -74,17 +74,10 @@ FK_TARGET_AVX512 int fisher_chunk_avx512(void* f, const void* g, int64_t begin, 
 #endif
 
 FisherChunkFn pick_kernel(CpuIsa isa, c10::ScalarType fisher, c10::ScalarType grad) {
-  (void)isa;  // baseline only off x86
   FisherChunkFn fn = nullptr;
   dispatch_state(fisher, "fisher_accumulate_: fishers", [&](auto f) {
     dispatch_float(grad, "fisher_accumulate_: grads", [&](auto g) {
-      using F = decltype(f);
-      using G = decltype(g);
-      fn = &fisher_chunk_baseline<F, G>;
-#if FK_CPU_X86
-      if (isa == CpuIsa::Avx2) fn = &fisher_chunk_avx2<F, G>;
-      if (isa == CpuIsa::Avx512) fn = &fisher_chunk_avx512<F, G>;
-#endif
+      fn = FK_ISA_PICK(isa, fisher_chunk, decltype(f), decltype(g));
     });
   });
   return fn;

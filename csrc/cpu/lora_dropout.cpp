@@ -128,16 +128,7 @@ template <bool ADD>
 RowsFn pick_rows(c10::ScalarType dtype, const char* op) {
   RowsFn fn = nullptr;
   const CpuIsa isa = active_cpu_isa();
-  dispatch_float(dtype, op, [&](auto s) {
-    using S = decltype(s);
-    fn = &drop_rows_baseline<S, ADD>;
-#if FK_CPU_X86
-    if (isa == CpuIsa::Avx2) fn = &drop_rows_avx2<S, ADD>;
-    if (isa == CpuIsa::Avx512) fn = &drop_rows_avx512<S, ADD>;
-#else
-    (void)isa;
-#endif
-  });
+  dispatch_float(dtype, op, [&](auto s) { fn = FK_ISA_PICK(isa, drop_rows, decltype(s), ADD); });
   return fn;
 }
 
