@@ -234,79 +234,86 @@ def mixed_supported(x: Tensor) -> bool:
     return x.dtype in _HALF and eager_kernels(_impl_name(x)) is not None and eager((x,))
 
 
+class _Flat(NamedTuple):
+    """The adapters of one call, flattened in call order (adapter ``k`` belongs to layer ``layer[k]``)."""
+    lora_a: List[Tensor]
+    lora_b: List[Tensor]
+    layer: List[int]
+    scaling: List[float]
+    dropout_p: List[float]         # 0 where dropout is inactive (eval)
+    keys: List[int]                # dropout keys (0 when no adapter has active dropout)
+    lora_bias: List[List[Tensor]]  # per layer: the s_k * lora_bias_k terms (vectors [out])
+    sinks: list                    # (k, LoraFisher) for the adapters with the Fisher option
+
+
+def _flatten(per_layer, training: bool, seed: Optional[int], device: torch.device) -> _Flat:
+    f = _Flat([], [], [], [], [], [], [[] for _ in per_layer], [])
+    for li, ads in enumerate(per_layer):
+        for ad in ads:
+            if ad.fisher is not None:
+                f.sinks.append((len(f.lora_a), ad.fisher))
+            f.lora_a.append(ad.lora_a.contiguous())
+            f.lora_b.append(ad.lora_b.contiguous())
+            f.layer.append(li)
+            f.scaling.append(float(ad.scaling))
+            f.dropout_p.append(float(ad.dropout_p) if training else 0.0)
+            if ad.lora_bias is not None:  # an [out] vector: folding it into a bias costs nothing of x's size
+                f.lora_bias[li].append(ad.lora_bias * float(ad.scaling))
+    n = len(f.lora_a)
+    f.keys.extend(dropout_keys(_draw_seed(device) if seed is None else seed, n)
+                  if any(p > 0 for p in f.dropout_p) else [0] * n)
+    return f
+
+
 def _run_mixed(x2: Tensor, lead, weight: Tensor, bias: Optional[Tensor], ads, training: bool,
                seed: Optional[int]) -> Tensor:
     if not mixed_supported(x2):
         raise TypeError(_name("adapters", f" are float32 on a {x2.dtype} x: this mixed precision runs on the torch "
                                           f"and cpp backends in eager mode only (backend here: "
                                           f"{_impl_name(x2)}); cast the adapters to x's dtype"))
-    lora_a = [ad.lora_a.contiguous() for ad in ads]
-    lora_b = [ad.lora_b.contiguous() for ad in ads]
-    scaling = [float(ad.scaling) for ad in ads]
-    dropout_p = [float(ad.dropout_p) if training else 0.0 for ad in ads]
+    f = _flatten([ads], training, seed, x2.device)
     lbias = None
-    for ad in ads:
-        if ad.lora_bias is not None:
-            lb = ad.lora_bias * float(ad.scaling)
-            lbias = lb if lbias is None else lbias + lb
-    keys = [0] * len(ads)
-    if any(p > 0 for p in dropout_p):
-        keys = dropout_keys(_draw_seed(x2.device) if seed is None else seed, len(ads))
+    for lb in f.lora_bias[0]:
+        lbias = lb if lbias is None else lbias + lb
     weight = weight if weight.is_contiguous() or weight.t().is_contiguous() else weight.contiguous()
-    meta = ([0] * len(ads), scaling, dropout_p, keys)
-    y, xa = MixedFn.apply(eager_kernels(_impl_name(x2)), meta, x2, weight, bias, lbias, *lora_a, *lora_b)
-    sinks = [(k, ad.fisher) for k, ad in enumerate(ads) if ad.fisher is not None]
-    if sinks and torch.is_grad_enabled():
-        attach_fisher(sinks, [y], x2, xa, lead, lora_a, lora_b, meta[0], scaling, dropout_p, keys)
+    meta = (f.layer, f.scaling, f.dropout_p, f.keys)
+    y, xa = MixedFn.apply(eager_kernels(_impl_name(x2)), meta, x2, weight, bias, lbias, *f.lora_a, *f.lora_b)
+    if f.sinks and torch.is_grad_enabled():
+        attach_fisher(f.sinks, [y], x2, xa, lead, f.lora_a, f.lora_b, f.layer, f.scaling, f.dropout_p, f.keys)
     return y.view(*lead, y.shape[-1])
 
 
 def _run(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], per_layer, training: bool,
          seed: Optional[int]) -> List[Tensor]:
-    if any(ad.lora_a.dtype != x.dtype for ads in per_layer for ad in ads):  # float32 adapters, 16-bit x
-        if len(weights) > 1:  # siblings: layer by layer (each layer's dropout keys from its own seed draw)
-            return [_run(x, [w], [b], [ads], training, None if seed is None else (seed + li * 0x9E3779B97F4A7C15)
-                         & ((1 << 63) - 1))[0] for li, (w, b, ads) in enumerate(zip(weights, biases, per_layer))]
-        if per_layer[0] and per_layer[0][0].lora_a.dtype != x.dtype:
-            x2 = x.reshape(-1, x.shape[-1])
-            return [_run_mixed(x2 if x2.is_contiguous() else x2.contiguous(), x.shape[:-1], weights[0], biases[0],
-                               per_layer[0], training, seed)]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     x2 = x2 if x2.is_contiguous() else x2.contiguous()
-    lora_a, lora_b, layer, scaling, dropout_p, bias_all, bias_layer = [], [], [], [], [], [], []
-    sinks = []
-    for li, ads in enumerate(per_layer):
-        bias = biases[li]
-        for ad in ads:
-            if ad.fisher is not None:
-                sinks.append((len(lora_a), ad.fisher))
-            lora_a.append(ad.lora_a.contiguous())
-            lora_b.append(ad.lora_b.contiguous())
-            layer.append(li)
-            scaling.append(float(ad.scaling))
-            dropout_p.append(float(ad.dropout_p) if training else 0.0)
-            if ad.lora_bias is not None:  # an [out] vector: folding it here costs nothing of x's size
-                lb = ad.lora_bias * float(ad.scaling)
-                bias = lb if bias is None else bias + lb
+    if any(ad.lora_a.dtype != x.dtype for ads in per_layer for ad in ads):  # float32 adapters, 16-bit x
+        if len(weights) > 1:  # siblings: layer by layer (each layer's dropout keys from its own seed)
+            return [_run(x, [w], [b], [ads], training, None if seed is None else (seed + li * 0x9E3779B97F4A7C15)
+                         & ((1 << 63) - 1))[0] for li, (w, b, ads) in enumerate(zip(weights, biases, per_layer))]
+        return [_run_mixed(x2, lead, weights[0], biases[0], per_layer[0], training, seed)]
+    f = _flatten(per_layer, training, seed, x.device)
+    bias_all, bias_layer = [], []
+    for li, bias in enumerate(biases):
+        for lb in f.lora_bias[li]:
+            bias = lb if bias is None else bias + lb
         if bias is not None:
             bias_all.append(bias.contiguous())
             bias_layer.append(li)
-    keys = [0] * len(lora_a)
-    if any(p > 0 for p in dropout_p):
-        keys = dropout_keys(_draw_seed(x.device) if seed is None else seed, len(lora_a))
+    args = (f.lora_a, f.lora_b, f.layer, f.scaling, f.dropout_p, f.keys)
     kernels = eager_kernels(_impl_name(x2))
-    if kernels is not None and eager((x2, *weights, *bias_all, *lora_a, *lora_b)):
+    if kernels is not None and eager((x2, *weights, *bias_all, *f.lora_a, *f.lora_b)):
         # the torch / cpp kernels hand W to BLAS with a transpose flag: a transposed view (GPT-2 Conv1D stores
         # [in, out]) is used as it is, without a per-call copy
         weights = [w if w.is_contiguous() or w.t().is_contiguous() else w.contiguous() for w in weights]
-        meta = (len(weights), len(bias_all), len(lora_a), bias_layer, layer, scaling, dropout_p, keys)
-        *ys, xa = EagerFn.apply(kernels, meta, x2, *weights, *bias_all, *lora_a, *lora_b)
+        meta = (len(weights), len(bias_all), len(f.lora_a), bias_layer, f.layer, f.scaling, f.dropout_p, f.keys)
+        *ys, xa = EagerFn.apply(kernels, meta, x2, *weights, *bias_all, *f.lora_a, *f.lora_b)
     else:
         weights = [w.contiguous() for w in weights]
-        ys, xa = _fwd_op(x2, weights, bias_all, bias_layer, lora_a, lora_b, layer, scaling, dropout_p, keys)
-    if sinks and torch.is_grad_enabled():
-        attach_fisher(sinks, ys, x2, xa, lead, lora_a, lora_b, layer, scaling, dropout_p, keys)
+        ys, xa = _fwd_op(x2, weights, bias_all, bias_layer, *args)
+    if f.sinks and torch.is_grad_enabled():
+        attach_fisher(f.sinks, ys, x2, xa, lead, *args)
     return [y.view(*lead, y.shape[-1]) for y in ys]
 
 
