@@ -120,11 +120,9 @@ class Capture:
 
         for layer in self.layers:
             if isinstance(layer, LoraTap):
-                def get(n):
-                    return None if n is None else self.sums[n]
-
-                layer.sink = LoraFisher(get(layer.lora_a), get(layer.lora_b), get(layer.lora_bias),
-                                        granularity="token" if self.token_level else "sample")
+                names = (layer.lora_a, layer.lora_b, layer.lora_bias)
+                a, b, bias = (None if n is None else self.sums[n] for n in names)
+                layer.sink = LoraFisher(a, b, bias, granularity="token" if self.token_level else "sample")
                 layer.sink.active = False
                 layer.module.__dict__[_STATE_ATTR].fisher[layer.adapter] = layer.sink
                 self._handles.append(layer.module.register_forward_hook(self._output_hook))

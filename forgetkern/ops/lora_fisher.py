@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from forgetkern.ops.linear_persample_sq_grad import bias_persample_sq_grad_, lora_persample_sq_grad_
 from forgetkern.reference.lora_linear import dropped
 
 
@@ -84,8 +85,6 @@ def _fisher_hook(sink: LoraFisher, x2: Tensor, xa: Tensor, lora_a: Tensor, lora_
         raise RuntimeError("forgetkern.LoraFisher: the layer received a second output gradient in one backward "
                            "(it ran twice, e.g. weight sharing); its per-sample gradient is a sum over the "
                            "calls, which is not combined: use granularity='token'")
-    from forgetkern.ops.linear_persample_sq_grad import bias_persample_sq_grad_, lora_persample_sq_grad_
-
     with torch.no_grad():
         g = g.reshape(-1, g.shape[-1])
         if lora_a.dtype != x2.dtype:  # float32 adapters on a 16-bit layer: their gradients are float32
