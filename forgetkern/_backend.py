@@ -42,18 +42,44 @@ def _check_name(name: str, what: str) -> str:
     return name.lower()
 
 
+# Op names use_backend(op=...) accepts: every op module registers its name (register_op) when imported, with
+# the public names that reach it (the EWC penalty and its fused gradient are one kernel, "ewc_fused").
+_OP_NAMES: dict = {}
+
+
+def register_op(name: str, *aliases: str) -> str:
+    """Make ``name`` (and ``aliases``, public names of the same op) valid in ``use_backend(op=...)``."""
+    for n in (name, *aliases):
+        _OP_NAMES[n] = name
+    return name
+
+
+def _check_op(op) -> Optional[str]:
+    if op is None:
+        return None
+    if not isinstance(op, str):
+        raise TypeError(f"use_backend: op must be an op name (str) or None, got {type(op).__name__}")
+    if op not in _OP_NAMES:
+        raise ValueError(f"use_backend: unknown op {op!r}; expected one of {sorted(_OP_NAMES)} (or op=None for "
+                         f"every op)")
+    return _OP_NAMES[op]
+
+
 @contextlib.contextmanager
 def use_backend(backend: str, *, op: Optional[str] = None) -> Iterator[None]:
     """Run the ops inside the block on ``backend`` (for every op, or only for ``op``).
 
     >>> with forgetkern.use_backend("torch"):
     ...     forgetkern.fisher_accumulate_(fishers, grads)       # reference path
-    >>> with forgetkern.use_backend("triton", op="ewc_fused"):
+    >>> with forgetkern.use_backend("triton", op="ewc_penalty_and_grad_"):
     ...     ...
+
+    The choice is held in a :mod:`contextvars` variable: it applies to this thread (and asyncio task) only. A
+    thread started inside the block sees the default (``auto``, or ``FORGETKERN_BACKEND``); enter
+    ``use_backend`` in that thread, or copy the context (``contextvars.copy_context().run(fn)``).
     """
     backend = _check_name(backend, "backend")
-    if op is not None and not isinstance(op, str):
-        raise TypeError(f"op must be an op name (str) or None, got {type(op).__name__}")
+    op = _check_op(op)
     token = _OVERRIDE.set(_OVERRIDE.get() + ((op, backend),))
     try:
         yield

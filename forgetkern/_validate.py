@@ -79,3 +79,47 @@ def check_tensor_lists(
                                 f"{y.dtype}; they must match")
     return device
 
+
+
+def check_nonnegative(op: str, name: str, value) -> float:
+    """A finite Python float >= 0 (a negative decay or scale would make a Fisher negative)."""
+    value = check_float(op, name, value)
+    if value < 0:
+        raise ValueError(f"forgetkern.{op}: {name} must be >= 0 (a negative {name} makes the Fisher negative), "
+                         f"got {value}")
+    return value
+
+
+def no_grad_state(op: str, name: str, xs: Sequence[torch.Tensor]) -> None:
+    """In-place state must not require grad: autograd would not see the update."""
+    for i, x in enumerate(xs):
+        if x.requires_grad:
+            raise ValueError(f"forgetkern.{op}: {name}[{i}] requires grad; the op updates it in place as a "
+                             f"buffer: pass {name}[{i}].detach() (or keep the state in a buffer)")
+
+
+def no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple] = ()) -> None:
+    """Refuse memory shared by a written tensor and any other argument.
+
+    ``written`` and ``read`` are ``(name, tensors)`` pairs. A tensor written in place must not share memory with
+    another entry of any list: ``fishers=[F, F]`` would race, and a write into memory another argument reads
+    changes what the kernel reads mid-pass (the result would depend on the backend). Tensors are contiguous
+    (checked before), so each one is the byte span ``[data_ptr, data_ptr + nbytes)``.
+    """
+    spans = []
+    for kind, pairs in (("w", written), ("r", read)):
+        for name, xs in pairs:
+            for i, x in enumerate(xs):
+                if x.numel() == 0:
+                    continue
+                lo = x.data_ptr()
+                spans.append((lo, lo + x.numel() * x.element_size(), kind, f"{name}[{i}]"))
+    spans.sort()
+    for j, (lo, hi, kind, label) in enumerate(spans):
+        for lo2, _, kind2, label2 in spans[j + 1:]:
+            if lo2 >= hi:
+                break
+            if "w" in (kind, kind2):
+                w, other = (label, label2) if kind == "w" else (label2, label)
+                raise ValueError(f"forgetkern.{op}: {w} and {other} share memory, and the op writes {w} in "
+                                 f"place; pass distinct tensors (e.g. .clone() one of them)")

@@ -52,3 +52,31 @@ def test_env_command_reports_builds_and_backends():
                          env={**__import__("os").environ, "TRITON_INTERPRET": "0"}).stdout
     assert "CPU extension" in out and "CUDA extension" in out and "Triton" in out
     assert "fisher_accumulate_" in out and "cpu" in out
+
+
+def test_use_backend_refuses_an_unknown_op_name():
+    with pytest.raises(ValueError, match=r"unknown op 'ewc_fsued'.*ewc_penalty_and_grad_"):
+        with forgetkern.use_backend("torch", op="ewc_fsued"):
+            pass
+
+
+def test_use_backend_accepts_the_public_op_names():
+    for name in ("ewc_penalty_and_grad_", "ewc_penalty", "ewc_fused"):
+        with forgetkern.use_backend("torch", op=name):
+            assert _backend.requested("ewc_fused") == "torch"
+            assert _backend.requested("fisher_accumulate_") == "auto"
+
+
+def test_a_thread_started_inside_use_backend_sees_the_default(monkeypatch):
+    import contextvars
+    import threading
+
+    monkeypatch.delenv("FORGETKERN_BACKEND", raising=False)
+    seen = {}
+    with forgetkern.use_backend("torch"):
+        t = threading.Thread(target=lambda: seen.setdefault("plain", _backend.requested("ewc_fused")))
+        t.start(), t.join()
+        ctx = contextvars.copy_context()
+        t = threading.Thread(target=lambda: ctx.run(lambda: seen.setdefault("copied", _backend.requested("ewc_fused"))))
+        t.start(), t.join()
+    assert seen == {"plain": "auto", "copied": "torch"}

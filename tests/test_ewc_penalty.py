@@ -145,3 +145,28 @@ def test_bad_lambda():
         forgetkern.ewc_penalty_and_grad_(p, a, f, lam=-1.0, grads=g)
     with pytest.raises(ValueError, match="lam must be finite"):
         forgetkern.ewc_penalty(p, a, f, float("inf"))
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_double_backward_is_exact(backend):
+    """create_graph=True: the gradient lam*F*d has its own graph (d/dtheta = lam*F), e.g. for HVPs."""
+    params, anchors, fishers, _ = _lists([(3, 4), 5], torch.float64, torch.float64, seed=11)
+    leaves = [p.clone().requires_grad_() for p in params]
+    with forgetkern.use_backend(backend):
+        assert torch.autograd.gradgradcheck(lambda *ps: forgetkern.ewc_penalty(list(ps), anchors, fishers, LAM),
+                                            leaves)
+        pen = forgetkern.ewc_penalty(leaves, anchors, fishers, LAM)
+        grads = torch.autograd.grad(pen, leaves, create_graph=True)
+    assert all(g.requires_grad for g in grads)
+    vs = [torch.randn_like(p) for p in params]
+    hvp = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), leaves)
+    for h, f, v in zip(hvp, fishers, vs):
+        torch.testing.assert_close(h, LAM * f * v, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("alias", ["params", "anchors", "fishers"])
+def test_grads_aliasing_an_input_is_refused(alias):
+    p, a, f, _ = _ok()
+    g = {"params": p, "anchors": a, "fishers": f}[alias]
+    with pytest.raises(ValueError, match=rf"grads\[0\] and {alias}\[0\] share memory"):
+        forgetkern.ewc_penalty_and_grad_(p, a, f, lam=1.0, grads=g)

@@ -260,3 +260,41 @@ def test_bad_arguments():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FisherEstimator(model, params=lambda n, p: n.endswith("q_proj.weight"))
+
+
+def _padded(side: str, lengths, t=9, seed=5):
+    """One batch with the given lengths, padded on the ``side`` ("left" or "right"); pad id 0, labels -100."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (len(lengths), t), generator=gen)
+    pos = torch.arange(t)[None, :]
+    lens = torch.tensor(lengths)[:, None]
+    attn = (pos >= t - lens) if side == "left" else (pos < lens)
+    ids = ids.masked_fill(~attn, 0)
+    return {"input_ids": ids, "attention_mask": attn.long(), "labels": ids.masked_fill(~attn, -100)}
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("backend", [p for p in backends() if p.id in ("torch", "triton")])
+def test_padding_side_labels_decide_what_counts(side, backend):
+    """For one sample, "sample" equals "batch" (the loss's own gradient) whichever side is padded, and a
+    padded batch of mixed lengths equals the sum of its samples run one at a time: labels decide."""
+    model = _lora(tiny_llama(), targets=("q_proj", "v_proj", "up_proj", "down_proj"))
+    batch = _padded(side, [9, 5, 2])
+    singles = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(3)]
+    with forgetkern.use_backend(backend, op="linear_persample_sq_grad_"):
+        f_sample = FisherEstimator(model, params="lora").estimate(singles, progress=False)
+        f_batched = FisherEstimator(model, params="lora").estimate([batch], progress=False)
+    f_batch = FisherEstimator(model, params="lora", granularity="batch").estimate(singles, progress=False)
+    _assert_fisher_close(f_batch, {k: v.double() for k, v in f_sample.items()}, rtol=1e-4)
+    _assert_fisher_close(f_batched, {k: v.double() for k, v in f_sample.items()}, rtol=1e-4)
+
+
+def test_update_from_grads_refuses_negative_or_nan_scale():
+    model = _lora(tiny_llama())
+    est = FisherEstimator(model, params="lora")
+    with pytest.raises(ValueError, match="scale must be a finite float >= 0"):
+        est.update_from_grads(model, decay=0.5, scale=-1.0)
+    with pytest.raises(ValueError, match="scale must be a finite float >= 0"):
+        est.update_from_grads(model, decay=0.5, scale=float("nan"))
+    with pytest.raises(ValueError, match=r"decay must be a float in \[0, 1\]"):
+        est.update_from_grads(model, decay=-0.1)

@@ -116,3 +116,55 @@ def test_bad_scalars():
         forgetkern.fisher_accumulate_([torch.zeros(1)], [torch.zeros(1)], decay=float("nan"))
     with pytest.raises(TypeError, match="scale must be a Python float"):
         forgetkern.fisher_accumulate_([torch.zeros(1)], [torch.zeros(1)], scale=torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_overflowing_update_is_dropped_and_flagged(backend, state_dtype):
+    # A finite fp32 gradient whose square overflows (1e20^2 = inf), and a sum that overflows only on the add:
+    # neither may enter the Fisher; both keep their old value and raise the flag.
+    fishers = [torch.full((9,), 2.0, dtype=state_dtype)]
+    grads = [torch.ones(9)]
+    grads[0][2] = 1e20
+    grads[0][5] = 1.5e19  # g^2 = 2.25e38 fits float32; scale * g^2 = 4.5e38 does not
+    with forgetkern.use_backend(backend):
+        found = forgetkern.fisher_accumulate_(fishers, grads, decay=1.0, scale=2.0)
+    assert found.item() == 1.0
+    expect = torch.full((9,), 4.0, dtype=state_dtype)
+    expect[[2, 5]] = 2.0
+    torch.testing.assert_close(fishers[0], expect, rtol=0, atol=0)
+    penalty = forgetkern.ewc_penalty([torch.zeros(9)], [torch.zeros(9)], [fishers[0].float()], 1.0)
+    assert torch.isfinite(penalty)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"decay": -0.5}, "decay must be >= 0"), ({"scale": -1.0}, "scale must be >= 0"),
+    ({"decay": float("inf")}, "decay must be finite"),
+])
+def test_negative_or_infinite_factors_are_refused(kw, match):
+    f = torch.ones(3)
+    with pytest.raises(ValueError, match=match):
+        forgetkern.fisher_accumulate_([f], [torch.ones(3)], **kw)
+    assert torch.equal(f, torch.ones(3))  # nothing written
+
+
+def test_fisher_that_requires_grad_is_refused():
+    with pytest.raises(ValueError, match=r"fishers\[0\] requires grad"):
+        forgetkern.fisher_accumulate_([torch.zeros(3, requires_grad=True)], [torch.ones(3)])
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda f: ([f, f], [torch.ones(8), torch.ones(8)]), r"fishers\[0\] and fishers\[1\] share memory"),
+    (lambda f: ([f[:6], f[2:]], [torch.ones(6), torch.ones(6)]), r"fishers\[0\] and fishers\[1\] share memory"),
+    (lambda f: ([f], [f]), r"fishers\[0\] and grads\[0\] share memory"),
+    (lambda f: ([f[:4]], [f[4:].clone()]), None),   # disjoint views of one storage are fine
+])
+def test_overlapping_state_is_refused(make, match):
+    f = torch.ones(8)
+    fishers, grads = make(f)
+    if match is None:
+        forgetkern.fisher_accumulate_(fishers, grads)
+        return
+    with pytest.raises(ValueError, match=match):
+        forgetkern.fisher_accumulate_(fishers, grads)
+    assert torch.equal(f, torch.ones(8))

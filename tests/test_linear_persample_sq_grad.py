@@ -354,3 +354,42 @@ def test_triton_aot_no_spills_and_tensor_cores():
         assert r["local"] == 0 and r["stl"] == 0, r
         if not r["desc"].startswith("finish"):
             assert (r["hgmma"] if r["arch"] == 90 else r["hmma"]) > 0, r
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("granularity", ["sample", "token"])
+def test_overflowing_sum_keeps_the_old_value_and_flags(backend, granularity):
+    # Every contribution is finite (1.5e38 each), but their sum over three samples overflows float32: those
+    # elements keep their old value and raise the flag; the others are updated.
+    x = torch.ones(3, 1, 3)
+    g = torch.full((3, 1, 2), 1.5e38 ** 0.5)   # per sample: g x = 1.22e19, squared 1.5e38
+    g[:, :, 1] = 1.0
+    fisher = torch.ones(2, 3)
+    found = _run(backend, fisher, x, g, granularity=granularity)
+    assert found.item() == 1.0
+    torch.testing.assert_close(fisher[0], torch.ones(3), rtol=0, atol=0)       # row 0: the sum overflowed
+    torch.testing.assert_close(fisher[1], torch.full((3,), 4.0), rtol=0, atol=0)  # row 1: 1 + 3 * 1
+
+
+def test_negative_scale_is_refused():
+    with pytest.raises(ValueError, match="scale must be >= 0"):
+        linear_persample_sq_grad_(torch.zeros(2, 3), torch.ones(1, 1, 3), torch.ones(1, 1, 2), scale=-1.0)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"lora_a": torch.zeros(4, 5)}, r"lora_a has shape \(4, 5\), expected \[r, in\] with in = 6"),
+    ({"lora_b": torch.zeros(3, 4)}, r"lora_b has shape \(3, 4\), expected \[out, r\] = \(5, 4\)"),
+    ({"lora_a": torch.zeros(4, 6, dtype=torch.int64)}, r"lora_a has dtype torch.int64; expected a float"),
+    ({"lora_b": torch.zeros(5, 4, dtype=torch.int32)}, r"lora_b has dtype torch.int32; expected a float"),
+    ({"lora_a": torch.zeros(4, 6, 1)}, r"lora_a must be 2-D"),
+    ({"xa": torch.zeros(2, 3, 7)}, r"xa must be a \[N, T, r\] tensor with r = 4"),
+    ({"scale": -2.0}, "scale must be >= 0"),
+])
+def test_lora_bad_factors_name_the_argument(change, match):
+    kw = dict(x=torch.randn(2, 3, 6), grad_out=torch.randn(2, 3, 5), lora_a=torch.randn(4, 6),
+              lora_b=torch.randn(5, 4), scaling=2.0)
+    kw.update(change)
+    fa, fb = torch.zeros(4, 6), torch.zeros(5, 4)
+    with pytest.raises((TypeError, ValueError), match=match):
+        lora_persample_sq_grad_(fa, fb, **kw)
+    assert not fa.any() and not fb.any()

@@ -471,3 +471,24 @@ def test_deepcopy_and_pickle_of_patched_model():
         assert unpatch(clone) == 14 and not is_patched(clone)
         assert "forward" not in clone.base_model.model.model.layers[0].mlp.up_proj.__dict__
         assert_same(run(clone, ids()), run(never, ids()))
+
+
+def test_inference_mode_with_sibling_fusion():
+    """Generation and evaluation run under torch.inference_mode: the patched model gives PEFT's logits, and
+    the sibling group computes its layers alone there (inference tensors have no version counter)."""
+    model = lora_model("llama").eval()
+    pf, fk = twins(model)
+    report = patch(fk)
+    assert report.fused_groups
+    tokens = ids()
+    with torch.inference_mode():
+        want = pf(input_ids=tokens).logits
+        got = fk(input_ids=tokens).logits
+        again = fk(input_ids=tokens).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, again)
+    assert calls(report, "fused (siblings)") == 0 and calls(report, "PEFT") == 0
+    assert len(report.active_groups()) == len(report.fused_groups)  # not counted as misses
+    with torch.no_grad():  # outside inference mode the groups still fuse
+        torch.testing.assert_close(fk(input_ids=tokens).logits, want, rtol=1e-5, atol=1e-5)
+    assert calls(report, "fused (siblings)") >= 1

@@ -69,14 +69,14 @@ __device__ __forceinline__ void stage(const PsgArgs& a, int64_t n, int64_t t0, i
 
 // Final per-element step of a block: F update (no split) or the partial into the workspace.
 template <typename F>
-__device__ __forceinline__ void emit(const PsgArgs& a, int64_t gi, int64_t gj, float sum) {
+__device__ __forceinline__ void emit(const PsgArgs& a, int64_t gi, int64_t gj, float sum, bool& ok) {
   if (gi >= a.d_out || gj >= a.d_in) return;
   const int64_t idx = gi * a.d_in + gj;
   if (a.splits > 1) {
     a.workspace[static_cast<int64_t>(blockIdx.y) * a.d_out * a.d_in + idx] = sum;
   } else {
     F* f = static_cast<F*>(a.fisher);
-    f[idx] = Store<F>::from(psg_update(to_float(f[idx]), sum, a.scale));
+    f[idx] = psg_store(f[idx], sum, a.scale, ok);
   }
 }
 
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(THREADS) psg_wmma_kernel(const PsgArgs a) {
 #pragma unroll 4
   for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
     const int i = e / BN, j = e % BN;
-    emit<F>(a, row0 + i, col0 + j, cs[i * LDC + j]);
+    emit<F>(a, row0 + i, col0 + j, cs[i * LDC + j], ok);
   }
   if (!ok) *a.found = 1.0f;  // every writer stores the same value
 }
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(THREADS) psg_simt_kernel(const PsgArgs a) {
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int j = 0; j < 8; ++j) emit<F>(a, row0 + tr + i, col0 + tc + j, acc_f[i][j]);
+    for (int j = 0; j < 8; ++j) emit<F>(a, row0 + tr + i, col0 + tc + j, acc_f[i][j], ok);
   if (!ok) *a.found = 1.0f;
 }
 
@@ -189,12 +189,14 @@ template <typename F>
 __global__ void __launch_bounds__(FINISH_THREADS) psg_finish_kernel(const PsgArgs a) {
   const int64_t numel = a.d_out * a.d_in;
   F* f = static_cast<F*>(a.fisher);
+  bool ok = true;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * FINISH_THREADS + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * FINISH_THREADS) {
     float sum = 0.0f;
     for (int64_t s = 0; s < a.splits; ++s) sum = fk_add(sum, a.workspace[s * numel + i]);
-    f[i] = Store<F>::from(psg_update(to_float(f[i]), sum, a.scale));
+    f[i] = psg_store(f[i], sum, a.scale, ok);
   }
+  if (!ok) *a.found = 1.0f;
 }
 
 template <typename S, typename F>

@@ -25,8 +25,11 @@ def causal_lm_batch_fn(model: torch.nn.Module, batch) -> Tuple[torch.Tensor, tor
 
     ``batch``: a dict with ``input_ids`` [N, T] and optionally ``attention_mask`` and ``labels`` (``-100`` =
     ignored; default: ``input_ids`` with padding ignored), or a bare ``input_ids`` tensor. Returns
-    ``(logits [N, T-1, V], labels [N, T-1], attention_mask [N, T] or None)``: the usual causal shift, token
-    ``t`` predicting token ``t + 1``.
+    ``(logits [N, T-1, V], labels [N, T-1], None)``: the usual causal shift, token ``t`` predicting token
+    ``t + 1``. Labels alone decide which positions count, as in the model's own loss: no position mask is
+    returned. (With left padding the last pad position predicts the first real token, so the loss keeps it;
+    masking by ``attention_mask`` would drop it. Positions that reach no counted label have a zero gradient
+    and add nothing.)
     """
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
@@ -43,7 +46,7 @@ def causal_lm_batch_fn(model: torch.nn.Module, batch) -> Tuple[torch.Tensor, tor
         kwargs["attention_mask"] = attn
     out = model(**kwargs)
     logits = out if isinstance(out, torch.Tensor) else (out.logits if hasattr(out, "logits") else out[0])
-    return logits[:, :-1], labels[:, 1:], attn
+    return logits[:, :-1], labels[:, 1:], None
 
 
 def normalize_batch_output(res) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:

@@ -75,7 +75,9 @@ class FisherEstimator:
 
     ``batch_fn(model, batch) -> (logits [N, T, V], labels [N, T] (-100 = ignored)[, mask [N, T]])`` adapts other
     data/models; the default handles Hugging Face causal LMs (dicts with ``input_ids``, ``attention_mask``,
-    ``labels``; labels shifted by one; padding ignored). The model runs in eval mode (no dropout) during
+    ``labels``; labels shifted by one; padding ignored). Labels decide which positions count, in every
+    granularity, as in the model's loss; the optional ``mask`` (over the layers' input positions) may only
+    exclude positions whose gradient is zero anyway, e.g. to skip work (the default returns none). The model runs in eval mode (no dropout) during
     :meth:`estimate`. The Fisher state is float32, on each parameter's device.
     """
 
@@ -169,9 +171,7 @@ class FisherEstimator:
     def _step(self, batch, sums, flags, capture: Optional[Capture], gen) -> int:
         """One batch; returns the number of samples (sample/token) or 1 (batch) to normalise by."""
         if capture is not None:
-            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-            n_guess = _batch_size(batch)
-            capture.new_batch(n_guess, mask)
+            capture.new_batch(_batch_size(batch), None)
         with torch.enable_grad():
             logits, labels, mask = _data.normalize_batch_output(self.batch_fn(self.model, batch))
         n = logits.shape[0]
@@ -249,8 +249,12 @@ class FisherEstimator:
         are skipped. Non-finite gradient elements are skipped (the state keeps its old value); returns the
         0-dim float32 found-non-finite flag (no host sync); :attr:`ema_nonfinite` tells if any update saw one.
         """
-        if not (0.0 <= decay <= 1.0) or (scale is not None and not math.isfinite(scale)):
-            raise ValueError(f"FisherEstimator.update_from_grads: decay must be in [0, 1], got {decay}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+            raise ValueError(f"FisherEstimator.update_from_grads: decay must be a float in [0, 1], got {decay!r}")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale) or scale < 0):
+            raise ValueError(f"FisherEstimator.update_from_grads: scale must be a finite float >= 0 (default "
+                             f"1 - decay), got {scale!r}")
         named = dict((model or self.model).named_parameters())
         fishers, grads, names = [], [], []
         for k in self.params:

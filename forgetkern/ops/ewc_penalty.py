@@ -28,7 +28,7 @@ import torch
 
 from forgetkern import _backend, _validate
 
-OP = "ewc_fused"
+OP = _backend.register_op("ewc_fused", "ewc_penalty_and_grad_", "ewc_penalty")
 
 
 @torch.library.custom_op("forgetkern::ewc_fused", mutates_args=("grads",))
@@ -64,6 +64,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     saved, n = ctx.saved_tensors, ctx.n
     params, anchors, fishers = saved[:n], saved[n:2 * n], saved[2 * n:]
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward, e.g. a gradient penalty or Hessian-vector products): the same
+        # lam*F*d in differentiable torch ops, math in float32 (float64 for float64 params) like the kernel.
+        grads = []
+        for p, a, f in zip(params, anchors, fishers):
+            acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+            grads.append((ctx.lam * f.to(acc) * (p.to(acc) - a.to(acc)) * grad_out).to(p.dtype))
+        return grads, [None] * n, [None] * n, None
     grads = [torch.empty_like(p) for p in params]
     # The kernel writes lam*F*d (a write, not an accumulate: no zero-fill pass), then the incoming gradient,
     # which stays on the device (no host sync, traceable by torch.compile), scales it.
@@ -97,6 +105,9 @@ def _check(op: str, params, anchors, fishers, lam, grads=None):
             if x.requires_grad:
                 raise ValueError(f"forgetkern.{op}: {name}[{i}] requires grad; the EWC penalty is "
                                  f"differentiable in params only: pass {name}[{i}].detach()")
+    if grads is not None:
+        _validate.no_overlap(op, [("grads", grads)], [("params", params), ("anchors", anchors),
+                                                      ("fishers", fishers)])
     return params, anchors, fishers, lam, grads, device
 
 
@@ -127,8 +138,9 @@ def ewc_penalty(params, anchors, fishers, lam: float) -> torch.Tensor:
 
     The forward is one fused reduction over the lists; the backward is the same fused kernel writing
     ``lam * F * (theta - theta*)`` (scaled by the incoming gradient) into fresh gradient tensors. Use it as
-    ``loss = task_loss + forgetkern.ewc_penalty(params, anchors, fishers, lam)``; when you do not need
-    autograd, :func:`ewc_penalty_and_grad_` saves the gradient allocation and the graph.
+    ``loss = task_loss + forgetkern.ewc_penalty(params, anchors, fishers, lam)``. Double backward
+    (``create_graph=True``) is supported: the gradient is then computed with differentiable torch ops (its own
+    derivative is ``lam * F``). When you do not need autograd, :func:`ewc_penalty_and_grad_` saves the gradient allocation and the graph.
     """
     params, anchors, fishers, lam, _, device = _check("ewc_penalty", params, anchors, fishers, lam)
     if not params:

@@ -10,8 +10,8 @@ Math, per element, for each pair ``(F, g)`` of the lists (one multi-tensor launc
   gradient can never overflow the accumulator (65504^2 ~ 4.3e9 fits float32 easily).
 * State may be float32, bfloat16 (half the memory; rounded once per update) or float64. float16 state is
   refused: its range (6.5e4) overflows for gradients above ~256.
-* Non-finite gradients never poison the Fisher: an element whose gradient is inf or nan is left unchanged
-  (not decayed, not added to), and the op returns a 0-dim float32 tensor, on the device, that is 1.0 if any
+* Non-finite values never poison the Fisher: an element whose gradient is inf or nan, or whose update
+  overflows (a finite fp32 gradient of 1e20 squares to inf), is left unchanged (not decayed, not added to), and the op returns a 0-dim float32 tensor, on the device, that is 1.0 if any
   such element was seen (the found-inf flag of PyTorch's fused Adam / GradScaler; no host sync). Check it when
   convenient, e.g. ``if found.item(): warn(...)``, or feed it to your own skip logic.
 """
@@ -24,7 +24,7 @@ import torch
 
 from forgetkern import _backend, _validate
 
-OP = "fisher_accumulate_"
+OP = _backend.register_op("fisher_accumulate_")
 
 
 @torch.library.custom_op("forgetkern::fisher_accumulate_", mutates_args=("fishers",))
@@ -45,21 +45,27 @@ def fisher_accumulate_(fishers, grads, *, decay: float = 1.0, scale: float = 1.0
     Args:
         fishers: list of Fisher state tensors (float32, bfloat16 or float64), updated in place.
         grads: list of gradients (float32, float16, bfloat16 or float64), same shapes, same device.
-        decay: factor on the old state (1.0 to sum, e.g. 0.9 for an exponential moving average).
-        scale: factor on the squared gradient (e.g. ``1/num_batches``, or ``1 - decay`` for an EMA).
+        decay: factor on the old state, >= 0 (1.0 to sum, e.g. 0.9 for an exponential moving average).
+        scale: factor on the squared gradient, >= 0 (e.g. ``1/num_batches``, or ``1 - decay`` for an EMA).
 
     Returns:
-        0-dim float32 tensor on the tensors' device: 1.0 if some gradient element was not finite (those
-        elements were skipped), else 0.0.
+        0-dim float32 tensor on the tensors' device: 1.0 if some element was skipped (its gradient or its
+        update was not finite), else 0.0.
+
+    Raises:
+        ValueError: negative ``decay``/``scale``; a Fisher that requires grad; tensors sharing memory with a
+        Fisher (``fishers=[F, F]``, or a gradient that aliases a Fisher).
     """
     fishers = _validate.tensor_list(OP, "fishers", fishers)
     grads = _validate.tensor_list(OP, "grads", grads)
-    decay = _validate.check_float(OP, "decay", decay)
-    scale = _validate.check_float(OP, "scale", scale)
+    decay = _validate.check_nonnegative(OP, "decay", decay)
+    scale = _validate.check_nonnegative(OP, "scale", scale)
     device = _validate.check_tensor_lists(OP, [
         ("fishers", fishers, _validate.STATE_DTYPES),
         ("grads", grads, _validate.FLOAT_DTYPES),
     ])
+    _validate.no_grad_state(OP, "fishers", fishers)
+    _validate.no_overlap(OP, [("fishers", fishers)], [("grads", grads)])
     if not fishers:
         return torch.zeros((), dtype=torch.float32, device=device)
     return _fisher_accumulate_op(fishers, [g.detach() for g in grads], decay, scale)

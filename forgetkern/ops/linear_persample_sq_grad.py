@@ -36,7 +36,7 @@ import torch
 
 from forgetkern import _backend, _validate
 
-OP = "linear_persample_sq_grad_"
+OP = _backend.register_op("linear_persample_sq_grad_")
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 GRANULARITIES = ("sample", "token")
 
@@ -71,7 +71,7 @@ def check_args(op: str, fisher, x, grad_out, mask, scale, granularity):
     if not isinstance(fisher, torch.Tensor):
         raise TypeError(f"forgetkern.{op}: fisher must be a Tensor, got {type(fisher).__name__}")
     x, grad_out = _as_3d(op, "x", x), _as_3d(op, "grad_out", grad_out)
-    scale = _validate.check_float(op, "scale", scale)
+    scale = _validate.check_nonnegative(op, "scale", scale)
     if granularity not in GRANULARITIES:
         raise ValueError(f"forgetkern.{op}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if fisher.dtype not in _validate.STATE_DTYPES:
@@ -156,6 +156,30 @@ def bias_persample_sq_grad_(fisher: torch.Tensor, grad_out: torch.Tensor, *, sca
     return ref(fisher_, x, g, m, scale, token)
 
 
+def _check_factors(op: str, x3, g3, lora_a, lora_b, xa, gb) -> None:
+    """``lora_a`` [r, in], ``lora_b`` [out, r] (float, on x's device) and the optional intermediates [N, T, r]."""
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"forgetkern.{op}: {name} must be a Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"forgetkern.{op}: {name} has dtype {t.dtype}; expected a float dtype")
+        if t.device != x3.device:
+            raise ValueError(f"forgetkern.{op}: {name} is on {t.device} but x is on {x3.device}")
+        if t.dim() != 2:
+            raise ValueError(f"forgetkern.{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
+    r = lora_a.shape[0]
+    if lora_a.shape[1] != x3.shape[2]:
+        raise ValueError(f"forgetkern.{op}: lora_a has shape {tuple(lora_a.shape)}, expected [r, in] with "
+                         f"in = {x3.shape[2]} (the last dimension of x)")
+    if tuple(lora_b.shape) != (g3.shape[2], r):
+        raise ValueError(f"forgetkern.{op}: lora_b has shape {tuple(lora_b.shape)}, expected [out, r] = "
+                         f"{(g3.shape[2], r)} (out from grad_out, r from lora_a)")
+    for name, t in (("xa", xa), ("gb", gb)):
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape[-1:]) != (r,)):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"forgetkern.{op}: {name} must be a [N, T, r] tensor with r = {r}, got {got}")
+
+
 def lora_persample_sq_grad_(fisher_a: Optional[torch.Tensor], fisher_b: Optional[torch.Tensor], x: torch.Tensor,
                             grad_out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, *,
                             scaling: float, scale: float = 1.0, mask: Optional[torch.Tensor] = None,
@@ -179,10 +203,11 @@ def lora_persample_sq_grad_(fisher_a: Optional[torch.Tensor], fisher_b: Optional
     """
     op = "lora_persample_sq_grad_"
     scaling = _validate.check_float(op, "scaling", scaling)
-    scale = _validate.check_float(op, "scale", scale)
+    scale = _validate.check_nonnegative(op, "scale", scale)
     if fisher_a is None and fisher_b is None:
         raise ValueError(f"forgetkern.{op}: fisher_a and fisher_b are both None; pass at least one")
     x3, g3 = _as_3d(op, "x", x), _as_3d(op, "grad_out", grad_out)
+    _check_factors(op, x3, g3, lora_a, lora_b, xa, gb)
     s2 = scale * scaling * scaling
     found = []
     with torch.no_grad():

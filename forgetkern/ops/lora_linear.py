@@ -47,7 +47,7 @@ from forgetkern.ops._lora_eager import EagerFn, MixedFn, eager, eager_kernels, l
 from forgetkern.ops.lora_fisher import LoraFisher, attach_fisher, check_fisher
 from forgetkern.reference.lora_linear import dropout_keys
 
-OP = "lora_linear"
+OP = _backend.register_op("lora_linear")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
 

@@ -10,6 +10,9 @@ drops outputs that were not picked up; a group whose parent does not feed its me
 itself off after two misses.
 
 Only dropout-inactive calls fuse (eval mode, or ``lora_dropout=0``): with dropout each layer draws its own mask.
+Inference tensors (``torch.inference_mode``) carry no version counter, so an in-place change of ``h`` between
+two sibling calls could not be seen: their calls compute each layer alone (exact, one pass over ``h`` per
+layer); ``torch.no_grad`` keeps the fusion.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class SiblingGroup:
     # -- the fused call ----------------------------------------------------------------------------------
     def forward(self, module: nn.Module, x: torch.Tensor, plan):
         """The output of ``module`` from the group's fused call, or ``None`` to compute it alone."""
+        if x.is_inference():
+            self._drop()
+            return None
         ac = plan[5]
         key = _mode_key(x, ac)
         mid = id(module)

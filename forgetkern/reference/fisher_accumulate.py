@@ -4,8 +4,10 @@ Math, per element, for each pair (F, g) of the lists::
 
     F <- decay * F + scale * g^2            (computed in float32, or float64 for float64 state)
 
-An element whose gradient is not finite (inf or nan) is left unchanged, and the op returns a 0-dim float32
-tensor on the device that is 1.0 if any such element was seen and 0.0 otherwise (no host synchronisation).
+An element whose gradient is not finite (inf or nan), or whose update is not finite once stored (a finite
+gradient can overflow: ``(1e20)^2`` in float32, or a float32 result past bfloat16's range), is left unchanged,
+and the op returns a 0-dim float32 tensor on the device that is 1.0 if any such element was seen and 0.0
+otherwise (no host synchronisation).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ def fisher_accumulate_(fishers: list, grads: list, decay: float, scale: float) -
             continue
         acc = acc_dtype(f.dtype)
         g32 = g.to(acc)
-        finite = torch.isfinite(g32)
-        new = f.to(acc) * decay + g32 * g32 * scale
-        f.copy_(torch.where(finite, new, f.to(acc)))
+        new = (f.to(acc) * decay + g32 * g32 * scale).to(f.dtype)  # rounded once to the state dtype
+        finite = torch.isfinite(g32) & torch.isfinite(new)
+        f.copy_(torch.where(finite, new, f))
         found = torch.maximum(found, (~finite).any().to(torch.float32))
     return found

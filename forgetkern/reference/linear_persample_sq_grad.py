@@ -11,7 +11,9 @@ the per-sample losses). Math in float32 (float64 for float64 state); 16-bit inpu
 product, so squares of fp16/bf16 values never overflow.
 
 Non-finite contributions are never folded in: an element of a sample's contribution (``G_n^2`` or ``S_n``)
-that is inf/nan is dropped, and the returned 0-dim float32 flag is 1.0 (else 0.0).
+that is inf/nan is dropped, and the returned 0-dim float32 flag is 1.0 (else 0.0). The same holds for an
+element whose update ``F + scale * sum`` overflows although every contribution was finite: it keeps its
+previous value and raises the flag.
 
 Memory: the work is chunked over samples and tokens so that the extra memory stays O(out x in): one reused
 float32 ``[out, in]`` per-sample gradient buffer (a few samples for small layers, within ``chunk_bytes``), one
@@ -33,12 +35,6 @@ _SQ_SAFE = {torch.float32: 1.8e19, torch.float64: 1.3e154}
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _safe(c: torch.Tensor, bound: float) -> bool:
-    """All of ``c`` finite with ``|c| < bound``: one pass (aminmax propagates nan), no temporaries."""
-    lo, hi = torch.aminmax(c)
-    return bool((hi < bound) & (lo > -bound))
 
 
 class _Blocks:
@@ -92,8 +88,13 @@ def linear_persample_sq_grad_(fisher: torch.Tensor, x: torch.Tensor, grad_out: t
     mask = None if mask is None else mask.to(device=x.device, dtype=torch.bool)
     if t == 1:  # one token per sample: G_n = g_n x_n^T, so G_n^2 = (g_n^2)(x_n^2)^T, a token-level sum
         token_level = True
-    # ``target`` receives the contributions: the state itself when it has the accumulation dtype.
-    target = fisher if fisher.dtype == acc else torch.zeros(d_out, d_in, dtype=acc, device=fisher.device)
+    # ``target`` receives the contributions: the state itself when it has the accumulation dtype. Adding
+    # into the state directly is safe while max|F| + the added bound stays below ``limit``; past it (values
+    # near 1e38, rare) a chunk is added element-checked: an element whose update overflows keeps its value.
+    direct = fisher.dtype == acc
+    target = fisher if direct else torch.zeros(d_out, d_in, dtype=acc, device=fisher.device)
+    limit = torch.finfo(acc).max / 2
+    level = _absmax(fisher) if direct else 0.0
     copies = x.dtype != acc or grad_out.dtype != acc or mask is not None or token_level
     row_bytes = (d_in + d_out) * esize if copies else 0
     if token_level:  # chunks of whole samples (or token blocks of one sample): one GEMM per block
@@ -112,26 +113,57 @@ def linear_persample_sq_grad_(fisher: torch.Tensor, x: torch.Tensor, grad_out: t
         n1 = min(n, n0 + c)
         out = buf if token_level else buf[:n1 - n0]
         _gemm(out, blocks, n0, n1, t, tb, token_level)
-        if _safe(out, bound):
-            if token_level:
-                target.add_(out, alpha=scale)
-            else:
-                for i in range(n1 - n0):
-                    target.addcmul_(out[i], out[i], value=scale)
+        m = _absmax(out)
+        if m < bound:
+            grow = scale * (m if token_level else m * m * (n1 - n0))
+            if not direct or level + grow < limit:
+                level += grow
+                if token_level:
+                    target.add_(out, alpha=scale)
+                else:
+                    for i in range(n1 - n0):
+                        target.addcmul_(out[i], out[i], value=scale)
+                continue
+            if _checked_add_(fisher, out.clone() if token_level else (out * out).sum(0), scale):
+                found.fill_(1.0)
+            level = _absmax(fisher)
             continue
+        chunk = torch.zeros(d_out, d_in, dtype=acc, device=fisher.device) if direct else target
         for i in range(n0, n1):  # rare: redo sample by sample, dropping the non-finite elements
             one = buf if token_level else buf[:1]
             _gemm(one, blocks, i, i + 1, t, tb, token_level)
             if not token_level:
                 one = one[0].square_()
-            if not _safe(one, float("inf")):
+            if not _absmax(one) < float("inf"):
                 found.fill_(1.0)
                 one.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            target.add_(one, alpha=scale)
+            chunk.add_(one, alpha=1.0 if direct else scale)
+        if direct:
+            if _checked_add_(fisher, chunk, scale):
+                found.fill_(1.0)
+            level = _absmax(fisher)
     del buf, blocks
-    if target is not fisher:
-        fisher.copy_(fisher.to(acc).add_(target))
+    if not direct and _checked_add_(fisher, target, 1.0):
+        found.fill_(1.0)
     return found
+
+
+def _absmax(c: torch.Tensor) -> float:
+    """max |c| in one pass without temporaries (aminmax propagates nan: returns nan, never below a bound)."""
+    lo, hi = torch.aminmax(c)
+    return float(torch.maximum(hi, -lo))
+
+
+def _checked_add_(fisher: torch.Tensor, s: torch.Tensor, scale: float) -> bool:
+    """``fisher <- S(fisher + scale * s)`` where that is finite (S: rounded once to fisher's dtype); elements
+    that overflow keep their value. Consumes ``s``; returns whether some element overflowed."""
+    new = s.mul_(scale).add_(fisher).to(fisher.dtype)
+    finite = torch.isfinite(new)
+    if bool(finite.all()):
+        fisher.copy_(new)
+        return False
+    fisher.copy_(torch.where(finite, new, fisher))
+    return True
 
 
 def _gemm(out, blocks: _Blocks, n0: int, n1: int, t: int, tb: int, token_level: bool) -> None:

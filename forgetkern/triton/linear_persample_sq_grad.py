@@ -104,23 +104,28 @@ def _persample_sq_grad_kernel(
     if SPLIT:
         tl.store(ws_ptr + tl.program_id(1).to(tl.int64) * OUT * IN + tile, acc_f, mask=tmask2)
     else:
-        old = tl.load(f_ptr + tile, mask=tmask2, other=0.0).to(tl.float32)
-        new = old + acc_f * tl.cast(scale, tl.float32)
-        tl.store(f_ptr + tile, new.to(f_ptr.dtype.element_ty), mask=tmask2)
+        old = tl.load(f_ptr + tile, mask=tmask2, other=0.0)
+        new = (old.to(tl.float32) + acc_f * tl.cast(scale, tl.float32)).to(f_ptr.dtype.element_ty)
+        fin = tl.abs(new.to(tl.float32)) < float("inf")  # the sum or the add can overflow: keep the old F
+        tl.store(f_ptr + tile, tl.where(fin, new, old), mask=tmask2)
+        bad = tl.maximum(bad, tl.max((~fin & tmask2).to(tl.int32), axis=1))
     nbad = tl.max(bad, axis=0)
     tl.store(flag_ptr, 1.0, mask=nbad != 0)
 
 
 @triton.jit
-def _finish_kernel(f_ptr, ws_ptr, numel, splits, scale, BLOCK: tl.constexpr):
-    """F += scale * sum_s ws[s] (fixed order)."""
+def _finish_kernel(f_ptr, ws_ptr, flag_ptr, numel, splits, scale, BLOCK: tl.constexpr):
+    """F += scale * sum_s ws[s] (fixed order); an element whose update overflows keeps F and sets the flag."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, splits):
         acc += tl.load(ws_ptr + s * numel + offs, mask=mask, other=0.0)
-    old = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(f_ptr + offs, (old + acc * tl.cast(scale, tl.float32)).to(f_ptr.dtype.element_ty), mask=mask)
+    old = tl.load(f_ptr + offs, mask=mask, other=0.0)
+    new = (old.to(tl.float32) + acc * tl.cast(scale, tl.float32)).to(f_ptr.dtype.element_ty)
+    fin = tl.abs(new.to(tl.float32)) < float("inf")
+    tl.store(f_ptr + offs, tl.where(fin, new, old), mask=mask)
+    tl.store(flag_ptr, 1.0, mask=tl.max((~fin & mask).to(tl.int32), axis=0) != 0)
 
 
 def _cfg_key(dtype: torch.dtype, token_level: bool, vec: int) -> str:
@@ -188,8 +193,8 @@ def linear_persample_sq_grad_(fisher: torch.Tensor, x: torch.Tensor, grad_out: t
         BM=bm, BN=bn, BK=bk, GROUP=GROUP_M, num_warps=warps, num_stages=stages)
     if s > 1:
         numel = fisher.numel()
-        _finish_kernel[(triton.cdiv(numel, FINISH_BLOCK),)](fisher, ws, numel, s, float(scale), BLOCK=FINISH_BLOCK,
-                                                            num_warps=4)
+        _finish_kernel[(triton.cdiv(numel, FINISH_BLOCK),)](fisher, ws, flag, numel, s, float(scale),
+                                                            BLOCK=FINISH_BLOCK, num_warps=4)
     return flag
 
 
@@ -221,8 +226,8 @@ def _aot_specs() -> list:
             specs.append(AotSpec(_persample_sq_grad_kernel, sig, const, desc,
                                  {"num_warps": warps, "num_stages": stages}))
     for state in (torch.float32, torch.bfloat16):
-        sig = {"f_ptr": "*" + _TY[state], "ws_ptr": "*fp32", "numel": "i64", "splits": "i32", "scale": "fp32",
-               "BLOCK": "constexpr"}
+        sig = {"f_ptr": "*" + _TY[state], "ws_ptr": "*fp32", "flag_ptr": "*fp32", "numel": "i64",
+               "splits": "i32", "scale": "fp32", "BLOCK": "constexpr"}
         specs.append(AotSpec(_finish_kernel, sig, {"BLOCK": FINISH_BLOCK}, f"finish F={_TY[state]}",
                              {"num_warps": 4}))
     return specs

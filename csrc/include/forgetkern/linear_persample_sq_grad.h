@@ -5,7 +5,7 @@
 //   sample:  F += scale * sum_n drop_nonfinite( G_n * G_n ),   G_n = sum_t g_nt x_nt^T          [out, in]
 //   token:   F += scale * sum_n drop_nonfinite( S_n ),         S_n = sum_t (g_nt * g_nt)(x_nt * x_nt)^T
 // in float32 (16-bit inputs upcast before any product). An element of a sample's contribution that is inf/nan
-// is dropped and sets *found = 1.0f. With `splits` > 1 the samples are split over the grid's y dimension into
+// is dropped and sets *found = 1.0f; so does an element whose stored update overflows (it keeps its old value). With `splits` > 1 the samples are split over the grid's y dimension into
 // fp32 partials workspace[s][out][in], summed in a fixed order by the finish kernel (deterministic).
 #pragma once
 
@@ -27,6 +27,16 @@ FK_INLINE bool psg_accumulate(float& acc_f, float c) {
 
 // The state update of one element: F + scale * sum (float32 math, rounded once by the caller's store).
 FK_INLINE float psg_update(float f_old, float sum, float scale) { return fk_add(f_old, fk_mul(sum, scale)); }
+
+// The stored update: F + scale * sum rounded once to F's type. A sum of finite contributions can still
+// overflow (here, or in the add, or in the bf16 store): then F keeps its old value and `ok` becomes false.
+template <typename F>
+FK_INLINE F psg_store(F f_old, float sum, float scale, bool& ok) {
+  const F u = Store<F>::from(psg_update(to_float(f_old), sum, scale));
+  const bool fin = is_finite(to_float(u));
+  ok = ok && fin;
+  return fin ? u : f_old;
+}
 
 // Sample splits for a tile grid of `tiles` blocks on a GPU with `sms` multiprocessors: enough blocks to fill
 // it twice, with an fp32 workspace of at most max(2x the state size, 16 MiB).
