@@ -9,7 +9,13 @@ Public API (optional dependencies such as triton, transformers and peft are impo
     forgetkern.linear_persample_sq_grad_(F, x, grad_out)                    # F += sum_n (sum_t g x^T)^2
     forgetkern.ewc_penalty_and_grad_(params, anchors, fishers, lam=, grads=) # penalty, grads += lam F d
     forgetkern.ewc_penalty(params, anchors, fishers, lam)                   # differentiable penalty
+    forgetkern.lwf_loss(h_student, h_teacher, W_head, labels, alpha=, temperature=)  # chunked CE + KL
+    forgetkern.LwF(peft_model, alpha=, temperature=).loss(batch)            # LwF, teacher = adapters disabled
     forgetkern.use_backend("torch" | "cpp" | "cuda" | "triton" | "auto")    # context manager
+
+Measuring forgetting: ``forgetkern.eval`` (perplexity, multiple choice, BWT, ``ForgettingReport``), data helpers
+in ``forgetkern.data`` (``text_windows``, ``mix_replay``, ``freeze_layers``), small offline sets in
+``forgetkern.corpora``, the HF Trainer callback in ``forgetkern.training``.
 """
 
 from forgetkern._backend import BackendError, use_backend
@@ -23,8 +29,10 @@ from forgetkern.ops.linear_persample_sq_grad import (
     linear_persample_sq_grad_,
     lora_persample_sq_grad_,
 )
+from forgetkern.ops.lwf_loss import LwfLoss, lwf_loss
 from forgetkern.ops.lora_linear import LoraAdapter, LoraFisher, lora_linear, lora_linear_siblings
 from forgetkern.patching import PatchReport, is_patched, patch, unpatch
+from forgetkern.training.lwf import LwF
 
 __all__ = [
     "__version__",
@@ -46,4 +54,7 @@ __all__ = [
     "lora_persample_sq_grad_",
     "ewc_penalty",
     "ewc_penalty_and_grad_",
+    "lwf_loss",
+    "LwfLoss",
+    "LwF",
 ]

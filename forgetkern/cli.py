@@ -1,4 +1,4 @@
-"""Command line: ``forgetkern env`` (also ``python -m forgetkern env``)."""
+"""Command line: ``forgetkern env`` and ``forgetkern demo`` (also ``python -m forgetkern ...``)."""
 
 from __future__ import annotations
 
@@ -83,9 +83,16 @@ def env_report() -> str:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo owns its options (forgetkern demo --help)
+        from forgetkern import demo
+
+        return demo.main(argv[1:])
     parser = argparse.ArgumentParser(prog="forgetkern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="print versions, what was built, and which backend each op uses per device")
+    sub.add_parser("demo", help="fine-tune SmolLM2 on code and measure forgetting for each method "
+                                "(forgetkern demo --help)")
     args = parser.parse_args(argv)
     if args.command == "env":
         print(env_report())
