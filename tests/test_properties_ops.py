@@ -184,6 +184,7 @@ def test_ewc_matches_oracle(backend, case):
         dmag = p.double().abs() + a.double().abs() + d.abs()
         tmag = f.double().abs() * d.abs() * dmag
         pen_tol += 8 * EPS[acc_dtype(p.dtype)] * (p.numel() ** 0.5 + 8) * float(tmag.sum()) * lam / 2
+        pen_tol += 4 * torch.finfo(acc_dtype(p.dtype)).tiny * p.numel()  # a tiny lam underflows in float32
         step = lam * f.double() * d
         want_g.append(g.double() + step)
         mags.append(g.double().abs() + lam * f.double().abs() * dmag)
