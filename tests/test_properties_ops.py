@@ -383,7 +383,7 @@ def test_lora_persample_sq_grad_matches_oracle(backend, c, r, scaling, given_u):
        offset=st.integers(0, 4))
 def test_persample_fishers_sharing_memory_are_refused(which, offset):
     """A Fisher is written: the ops refuse one that shares memory with an input or with the other Fisher
-    (before forgetkern 0.x they computed silently: fisher_a is fisher_b summed both factors' Fishers)."""
+    (they used to compute silently: fisher_a is fisher_b summed both factors' Fishers into one tensor)."""
     buf = torch.zeros(64)
     snapshot = buf.clone()
     r = d = 3
