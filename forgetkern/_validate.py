@@ -101,19 +101,24 @@ def no_grad_state(op: str, name: str, xs: Sequence[torch.Tensor]) -> None:
 def no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple] = ()) -> None:
     """Refuse memory shared by a written tensor and any other argument.
 
-    ``written`` and ``read`` are ``(name, tensors)`` pairs. A tensor written in place must not share memory with
+    ``written`` and ``read`` are ``(name, tensors)`` pairs (``tensors`` a list, or one tensor or None). A tensor written in place must not share memory with
     another entry of any list: ``fishers=[F, F]`` would race, and a write into memory another argument reads
-    changes what the kernel reads mid-pass (the result would depend on the backend). Tensors are contiguous
-    (checked before), so each one is the byte span ``[data_ptr, data_ptr + nbytes)``.
+    changes what the kernel reads mid-pass (the result would depend on the backend). A contiguous tensor is
+    the byte span ``[data_ptr, data_ptr + nbytes)``; a strided view (an input that is only read) is taken as the
+    span from its first to its last element, a superset of the memory it touches.
     """
     spans = []
     for kind, pairs in (("w", written), ("r", read)):
         for name, xs in pairs:
-            for i, x in enumerate(xs):
-                if x.numel() == 0:
+            # a list is labelled name[i]; a single tensor (or None, skipped) by its name
+            items = [(name, xs)] if xs is None or isinstance(xs, torch.Tensor) else [
+                (f"{name}[{i}]", x) for i, x in enumerate(xs)]
+            for label, x in items:
+                if x is None or x.numel() == 0:
                     continue
                 lo = x.data_ptr()
-                spans.append((lo, lo + x.numel() * x.element_size(), kind, f"{name}[{i}]"))
+                last = sum((n - 1) * s for n, s in zip(x.shape, x.stride()))
+                spans.append((lo, lo + (last + 1) * x.element_size(), kind, label))
     spans.sort()
     for j, (lo, hi, kind, label) in enumerate(spans):
         for lo2, _, kind2, label2 in spans[j + 1:]:

@@ -186,7 +186,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> lora_linear_bwd(
       if (m == 0) out.zero_(); else run(g, x);
       for (int64_t k = run_.first; k < run_.second; ++k)
         d_b[k] = run_.second - run_.first == 1 ? out
-                 : out.narrow(1, p.offs[k] - p.offs[run_.first], lora_a[k].size(0)).contiguous();
+                 // a copy, never a view of out: with one output row the slice is contiguous already
+                 : out.narrow(1, p.offs[k] - p.offs[run_.first], lora_a[k].size(0)).clone(at::MemoryFormat::Contiguous);
     }
   }
   if (!(need_dx || need_da)) return {dx, d_a, d_b};

@@ -112,6 +112,7 @@ def check_args(op: str, fisher, x, grad_out, mask, scale, granularity):
         mask = mask.detach() if mask.dtype == torch.bool else mask.detach() != 0
     if fisher.requires_grad:
         raise ValueError(f"forgetkern.{op}: fisher requires grad; pass a buffer (fisher.detach())")
+    _validate.no_overlap(op, [("fisher", fisher)], [("x", x), ("grad_out", grad_out), ("mask", mask)])
     return fisher, x.detach(), grad_out.detach(), mask, scale, granularity == "token"
 
 
@@ -208,6 +209,17 @@ def lora_persample_sq_grad_(fisher_a: Optional[torch.Tensor], fisher_b: Optional
         raise ValueError(f"forgetkern.{op}: fisher_a and fisher_b are both None; pass at least one")
     x3, g3 = _as_3d(op, "x", x), _as_3d(op, "grad_out", grad_out)
     _check_factors(op, x3, g3, lora_a, lora_b, xa, gb)
+    for name, f in (("fisher_a", fisher_a), ("fisher_b", fisher_b)):
+        if f is not None and not isinstance(f, torch.Tensor):
+            raise TypeError(f"forgetkern.{op}: {name} must be a Tensor or None, got {type(f).__name__}")
+        if f is not None and not f.is_contiguous():
+            raise ValueError(f"forgetkern.{op}: {name} is not contiguous (it is updated in place; pass a "
+                             f"contiguous tensor)")
+    # both Fishers are written: neither may share memory with the other or with any input (the second call
+    # would read what the first one wrote)
+    _validate.no_overlap(op, [("fisher_a", fisher_a), ("fisher_b", fisher_b)],
+                         [("x", x3), ("grad_out", g3), ("lora_a", lora_a), ("lora_b", lora_b), ("xa", xa),
+                          ("gb", gb), ("mask", mask if isinstance(mask, torch.Tensor) else None)])
     s2 = scale * scaling * scaling
     found = []
     with torch.no_grad():

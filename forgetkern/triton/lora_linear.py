@@ -343,7 +343,10 @@ def lora_linear_bwd(dys, x, weights, lora_a, lora_b, xa, layer, scaling, dropout
                 _tn(dy, xa[:, offs[lo]:offs[hi]], (out.stride(0), 1), out,
                     _colscale(scaling, lora_a, lo, hi, x.device))
                 for k in range(lo, hi):
-                    d_b[k] = out if hi - lo == 1 else out[:, offs[k] - offs[lo]:offs[k + 1] - offs[lo]].contiguous()
+                    # a copy, never a view of ``out``: with one output row the column slice is contiguous
+                    # already, and .contiguous() would return aliasing views (refused by the custom op)
+                    d_b[k] = out if hi - lo == 1 else out[:, offs[k] - offs[lo]:offs[k + 1] - offs[lo]].clone(
+                        memory_format=torch.contiguous_format)
     if not (need_dx or need_da):
         return dx, d_a, d_b
     g = x.new_empty((m, offs[-1]))
