@@ -9,6 +9,8 @@ Public API (optional dependencies such as triton, transformers and peft are impo
     forgetkern.linear_persample_sq_grad_(F, x, grad_out)                    # F += sum_n (sum_t g x^T)^2
     forgetkern.ewc_penalty_and_grad_(params, anchors, fishers, lam=, grads=) # penalty, grads += lam F d
     forgetkern.ewc_penalty(params, anchors, fishers, lam)                   # differentiable penalty
+    forgetkern.ewc_delta_w(As, Bs, fishers, scaling=, lam=)                 # EWC of LoRA updates s B A
+    forgetkern.ewc_delta_w_and_grad_(As, Bs, fishers, scaling=, lam=, grads_a=, grads_b=)
     forgetkern.use_backend("torch" | "cpp" | "cuda" | "triton" | "auto")    # context manager
 """
 
@@ -16,6 +18,7 @@ from forgetkern._backend import BackendError, use_backend
 from forgetkern._ext import ForgetkernBuildWarning
 from forgetkern._version import __version__
 from forgetkern.fisher import FisherEstimator
+from forgetkern.ops.ewc_delta_w import ewc_delta_w, ewc_delta_w_and_grad_
 from forgetkern.ops.ewc_penalty import ewc_penalty, ewc_penalty_and_grad_
 from forgetkern.ops.fisher_accumulate import fisher_accumulate_
 from forgetkern.ops.linear_persample_sq_grad import (
@@ -46,4 +49,6 @@ __all__ = [
     "lora_persample_sq_grad_",
     "ewc_penalty",
     "ewc_penalty_and_grad_",
+    "ewc_delta_w",
+    "ewc_delta_w_and_grad_",
 ]

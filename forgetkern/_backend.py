@@ -164,6 +164,7 @@ _AUTO_ORDER_BY_OP = {"lora_linear": {"cuda": ("triton", "cuda", "torch")}}
 SUPPORTED_BY_OP = {
     "lora_linear": ("torch", "cpp", "cuda", "triton"),
     "linear_persample_sq_grad_": ("torch", "cuda", "triton"),
+    "ewc_delta_w": ("torch",),
 }
 
 
