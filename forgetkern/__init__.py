@@ -9,8 +9,11 @@ Public API (optional dependencies such as triton, transformers and peft are impo
     forgetkern.linear_persample_sq_grad_(F, x, grad_out)                    # F += sum_n (sum_t g x^T)^2
     forgetkern.ewc_penalty_and_grad_(params, anchors, fishers, lam=, grads=) # penalty, grads += lam F d
     forgetkern.ewc_penalty(params, anchors, fishers, lam)                   # differentiable penalty
+    forgetkern.EWC(model, fisher, lam=, target="params" | "delta_w")       # .penalty() / .apply_()
     forgetkern.lwf_loss(h_student, h_teacher, W_head, labels, alpha=, temperature=)  # chunked CE + KL
     forgetkern.LwF(peft_model, alpha=, temperature=).loss(batch)            # LwF, teacher = adapters disabled
+    forgetkern.ewc_delta_w(As, Bs, fishers, scaling=, lam=)                 # EWC of LoRA updates s B A
+    forgetkern.ewc_delta_w_and_grad_(As, Bs, fishers, scaling=, lam=, grads_a=, grads_b=)
     forgetkern.use_backend("torch" | "cpp" | "cuda" | "triton" | "auto")    # context manager
 
 Measuring forgetting: ``forgetkern.eval`` (perplexity, multiple choice, BWT, ``ForgettingReport``), data helpers
@@ -21,7 +24,9 @@ in ``forgetkern.data`` (``text_windows``, ``mix_replay``, ``freeze_layers``), sm
 from forgetkern._backend import BackendError, use_backend
 from forgetkern._ext import ForgetkernBuildWarning
 from forgetkern._version import __version__
-from forgetkern.fisher import FisherEstimator
+from forgetkern.ewc import EWC
+from forgetkern.fisher import Fisher, FisherEstimator
+from forgetkern.ops.ewc_delta_w import ewc_delta_w, ewc_delta_w_and_grad_
 from forgetkern.ops.ewc_penalty import ewc_penalty, ewc_penalty_and_grad_
 from forgetkern.ops.fisher_accumulate import fisher_accumulate_
 from forgetkern.ops.linear_persample_sq_grad import (
@@ -48,7 +53,9 @@ __all__ = [
     "lora_linear",
     "lora_linear_siblings",
     "fisher_accumulate_",
+    "Fisher",
     "FisherEstimator",
+    "EWC",
     "linear_persample_sq_grad_",
     "bias_persample_sq_grad_",
     "lora_persample_sq_grad_",
@@ -57,4 +64,6 @@ __all__ = [
     "lwf_loss",
     "LwfLoss",
     "LwF",
+    "ewc_delta_w",
+    "ewc_delta_w_and_grad_",
 ]

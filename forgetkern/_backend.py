@@ -111,12 +111,15 @@ def triton_available() -> bool:
 # Ops whose cpp implementation is Python (``forgetkern/cpu/<op>.py``, the op's module named like the op) calling
 # these C++ kernels of ``torch.ops.forgetkern_cpu``; an extension built from older sources lacks them.
 CPP_COMPOSED = {"lora_linear": ("lora_dropout", "lora_dropout_add_")}
+# The C++ kernels each op's cpp backend needs, for ops newer than the first extension (an extension built
+# from older sources lacks them: the cpp backend is then unavailable for the op, with the reason).
+CPP_KERNELS = {**CPP_COMPOSED, "ewc_delta_w": ("ewc_delta_w",)}
 
 
 def _cpp_kernels_missing(op: str) -> Optional[str]:
     from forgetkern import _ext
 
-    missing = [k for k in CPP_COMPOSED[op] if not hasattr(_ext.cpu_ops(), k)]
+    missing = [k for k in CPP_KERNELS[op] if not hasattr(_ext.cpu_ops(), k)]
     if not missing:
         return None
     return (f"the CPU extension lacks the kernels {', '.join(missing)} (built from older sources); rebuild with: "
@@ -152,7 +155,7 @@ def _availability(device_type: str, op: Optional[str], interpreting: bool) -> Ma
         out["triton"] = None
     else:
         out["triton"] = f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device_type!r}"
-    if op in CPP_COMPOSED and out["cpp"] is None:
+    if op in CPP_KERNELS and out["cpp"] is None:
         out["cpp"] = _cpp_kernels_missing(op)
     return types.MappingProxyType(out)
 
@@ -165,6 +168,7 @@ SUPPORTED_BY_OP = {
     "lora_linear": ("torch", "cpp", "cuda", "triton"),
     "linear_persample_sq_grad_": ("torch", "cuda", "triton"),
     "lwf_loss": ("torch",),
+    "ewc_delta_w": ("torch", "cpp"),
 }
 
 
