@@ -224,10 +224,10 @@ def bench_model(res, args) -> None:
     patched = copy.deepcopy(model)
     forgetkern.patch(patched)  # the LoRA Fisher then rides on the fused op's backward (LoraFisher)
     providers = {
-        "forgetkern-sample": lambda: FisherEstimator(model, params="lora").estimate(batches, progress=False),
-        "forgetkern-sample-patched": lambda: FisherEstimator(patched, params="lora").estimate(
+        "forgetkern-sample": lambda: FisherEstimator(model, normalize="sample", params="lora").estimate(batches, progress=False),
+        "forgetkern-sample-patched": lambda: FisherEstimator(patched, normalize="sample", params="lora").estimate(
             batches, progress=False),
-        "forgetkern-batch": lambda: FisherEstimator(model, params="lora", granularity="batch").estimate(
+        "forgetkern-batch": lambda: FisherEstimator(model, normalize="sample", params="lora", granularity="batch").estimate(
             batches, progress=False),
         "avalanche-batched": lambda: _avalanche(model, batches, names),
     }

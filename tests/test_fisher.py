@@ -68,7 +68,7 @@ def _assert_fisher_close(got, want, rtol=2e-4):
 def test_lora_sample_fisher_matches_per_sample_autograd(backend):
     model = _lora(tiny_llama())
     batches = _batches()
-    est = FisherEstimator(model, params="lora")
+    est = FisherEstimator(model, normalize="sample", params="lora")
     assert not est.fallback and len(est.layers) == 8  # lora_A + lora_B of q and v in 2 layers
     with forgetkern.use_backend(backend, op="linear_persample_sq_grad_"):
         got = est.estimate(batches, progress=False)
@@ -81,7 +81,7 @@ def test_all_weights_with_fallback_params_match():
     """Linear weights fused; norms, and the embedding tied to lm_head, through per-sample autograd."""
     model = tiny_llama(layers=1)
     batches = _batches(n_batches=1, n=4)
-    est = FisherEstimator(model)
+    est = FisherEstimator(model, normalize="sample")
     assert "model.embed_tokens.weight" in est.fallback and "model.norm.weight" in est.fallback
     assert any(layer.weight == "model.layers.0.mlp.down_proj.weight" for layer in est.layers)
     got = est.estimate(batches, progress=False)
@@ -94,7 +94,7 @@ def test_fallback_one_backward_per_sample(monkeypatch):
     monkeypatch.setattr(estimator, "_BATCHED_FALLBACK_BYTES", 0)
     model = tiny_llama(layers=1)
     batches = _batches(n_batches=1, n=3)
-    got = FisherEstimator(model, params=["model.norm.weight", "model.layers.0.input_layernorm.weight"]).estimate(
+    got = FisherEstimator(model, normalize="sample", params=["model.norm.weight", "model.layers.0.input_layernorm.weight"]).estimate(
         batches, progress=False)
     _assert_fisher_close(got, _per_sample_oracle(model, batches, list(got)))
 
@@ -103,7 +103,7 @@ def test_gpt2_conv1d_with_bias():
     model = tiny_gpt2(layers=1)
     batches = _batches(n_batches=1, n=3)
     names = [n for n, _ in model.named_parameters() if ".attn." in n or ".mlp." in n]
-    est = FisherEstimator(model, params=names)
+    est = FisherEstimator(model, normalize="sample", params=names)
     assert not est.fallback
     got = est.estimate(batches, progress=False)
     _assert_fisher_close(got, _per_sample_oracle(model, batches, names))
@@ -112,8 +112,8 @@ def test_gpt2_conv1d_with_bias():
 def test_batch_size_one_batch_equals_sample():
     model = _lora(tiny_llama())
     batches = [{k: v[i:i + 1] for k, v in b.items()} for b in _batches(n_batches=1, n=3) for i in range(3)]
-    f_batch = FisherEstimator(model, params="lora", granularity="batch").estimate(batches, progress=False)
-    f_sample = FisherEstimator(model, params="lora", granularity="sample").estimate(batches, progress=False)
+    f_batch = FisherEstimator(model, normalize="sample", params="lora", granularity="batch").estimate(batches, progress=False)
+    f_sample = FisherEstimator(model, normalize="sample", params="lora", granularity="sample").estimate(batches, progress=False)
     _assert_fisher_close(f_batch, {k: v.double() for k, v in f_sample.items()}, rtol=1e-4)
 
 
@@ -121,15 +121,15 @@ def test_one_labelled_token_token_equals_sample():
     """Sequences of two tokens: one labelled position, so sample and token granularity coincide."""
     model = _lora(tiny_llama())
     batches = _batches(n_batches=2, n=4, t=2, lengths=[2, 2, 2, 2])
-    f_tok = FisherEstimator(model, params="lora", granularity="token").estimate(batches, progress=False)
-    f_smp = FisherEstimator(model, params="lora", granularity="sample").estimate(batches, progress=False)
+    f_tok = FisherEstimator(model, normalize="sample", params="lora", granularity="token").estimate(batches, progress=False)
+    f_smp = FisherEstimator(model, normalize="sample", params="lora", granularity="sample").estimate(batches, progress=False)
     _assert_fisher_close(f_tok, {k: v.double() for k, v in f_smp.items()}, rtol=1e-4)
 
 
 def test_batch_granularity_is_squared_mean_gradient():
     model = _lora(tiny_llama())
     batches = _batches(n_batches=2, n=3)
-    got = FisherEstimator(model, params="lora", granularity="batch").estimate(batches, progress=False)
+    got = FisherEstimator(model, normalize="sample", params="lora", granularity="batch").estimate(batches, progress=False)
     params = dict(model.named_parameters())
     want = {k: torch.zeros(params[k].shape, dtype=torch.float64) for k in got}
     for b in batches:
@@ -154,7 +154,7 @@ def test_token_mode_is_exact_per_token_fisher_for_positionwise_model():
     labels[2, 4:] = -100
     batch_fn = lambda m, b: (m(b[0]), b[1])  # noqa: E731
     names = ["1.weight", "1.bias", "3.weight"]
-    got = FisherEstimator(model, params=names, granularity="token", batch_fn=batch_fn).estimate(
+    got = FisherEstimator(model, normalize="sample", params=names, granularity="token", batch_fn=batch_fn).estimate(
         [(ids, labels)], progress=False)
     params = dict(model.named_parameters())
     want = {k: torch.zeros(params[k].shape, dtype=torch.float64) for k in names}
@@ -173,7 +173,7 @@ def test_model_without_embeddings_and_custom_batch_fn():
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 5))
     x = torch.randn(4, 3, 8, requires_grad=False)
     y = torch.randint(0, 5, (4, 3))
-    got = FisherEstimator(model, batch_fn=lambda m, b: (m(b[0]), b[1])).estimate([(x, y)], progress=False)
+    got = FisherEstimator(model, normalize="sample", batch_fn=lambda m, b: (m(b[0]), b[1])).estimate([(x, y)], progress=False)
     params = dict(model.named_parameters())
     want = {k: torch.zeros(p.shape, dtype=torch.float64) for k, p in params.items()}
     for n in range(4):
@@ -186,10 +186,10 @@ def test_model_without_embeddings_and_custom_batch_fn():
 def test_sampled_labels_reproduce_with_seed():
     model = _lora(tiny_llama())
     batches = _batches(n_batches=2, n=2)
-    run = lambda seed, k=2: FisherEstimator(model, params="lora", labels="sampled", label_samples=k,  # noqa
+    run = lambda seed, k=2: FisherEstimator(model, normalize="sample", params="lora", labels="sampled", label_samples=k,  # noqa
                                             seed=seed).estimate(batches, progress=False)
     a, b, c = run(0), run(0), run(1)
-    emp = FisherEstimator(model, params="lora").estimate(batches, progress=False)
+    emp = FisherEstimator(model, normalize="sample", params="lora").estimate(batches, progress=False)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
         assert not torch.equal(a[k], c[k]) and not torch.equal(a[k], emp[k])
@@ -207,7 +207,7 @@ def test_nonfinite_samples_are_dropped_and_reported():
         labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
         return (logits + poison)[:, :-1], labels[:, 1:], b["attention_mask"]
 
-    est = FisherEstimator(model, params="lora", batch_fn=batch_fn)
+    est = FisherEstimator(model, normalize="sample", params="lora", batch_fn=batch_fn)
     with pytest.warns(RuntimeWarning, match="non-finite"):
         got = est.estimate(batches, progress=False)
     assert est.nonfinite and all(torch.isfinite(v).all() for v in got.values())
@@ -218,7 +218,7 @@ def test_nonfinite_samples_are_dropped_and_reported():
 
 def test_update_from_grads_ema():
     model = _lora(tiny_llama())
-    est = FisherEstimator(model, params="lora")
+    est = FisherEstimator(model, normalize="sample", params="lora")
     b = _batches(n_batches=1)[0]
     hist = []
     for step in range(3):
@@ -241,7 +241,7 @@ def test_update_from_grads_ema():
 
 def test_progress_bar_and_max_batches(capsys):
     model = _lora(tiny_llama())
-    est = FisherEstimator(model, params="lora")
+    est = FisherEstimator(model, normalize="sample", params="lora")
     est.estimate(_batches(n_batches=3), max_batches=2, progress=True)
     assert est.num_samples == 6
     assert "Fisher (sample)" in capsys.readouterr().err
@@ -250,16 +250,16 @@ def test_progress_bar_and_max_batches(capsys):
 def test_bad_arguments():
     model = tiny_llama(layers=1)
     with pytest.raises(ValueError, match="labels must be one of"):
-        FisherEstimator(model, labels="true")
+        FisherEstimator(model, normalize="sample", labels="true")
     with pytest.raises(ValueError, match="granularity='token' needs Linear"):
-        FisherEstimator(model, granularity="token")
+        FisherEstimator(model, normalize="sample", granularity="token")
     with pytest.raises(ValueError, match="label_samples > 1 needs labels='sampled'"):
-        FisherEstimator(model, label_samples=3)
+        FisherEstimator(model, normalize="sample", label_samples=3)
     with pytest.raises(ValueError, match="no parameter selected"):
-        FisherEstimator(model, params="lora")
+        FisherEstimator(model, normalize="sample", params="lora")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        FisherEstimator(model, params=lambda n, p: n.endswith("q_proj.weight"))
+        FisherEstimator(model, normalize="sample", params=lambda n, p: n.endswith("q_proj.weight"))
 
 
 def _padded(side: str, lengths, t=9, seed=5):
@@ -282,16 +282,16 @@ def test_padding_side_labels_decide_what_counts(side, backend):
     batch = _padded(side, [9, 5, 2])
     singles = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(3)]
     with forgetkern.use_backend(backend, op="linear_persample_sq_grad_"):
-        f_sample = FisherEstimator(model, params="lora").estimate(singles, progress=False)
-        f_batched = FisherEstimator(model, params="lora").estimate([batch], progress=False)
-    f_batch = FisherEstimator(model, params="lora", granularity="batch").estimate(singles, progress=False)
+        f_sample = FisherEstimator(model, normalize="sample", params="lora").estimate(singles, progress=False)
+        f_batched = FisherEstimator(model, normalize="sample", params="lora").estimate([batch], progress=False)
+    f_batch = FisherEstimator(model, normalize="sample", params="lora", granularity="batch").estimate(singles, progress=False)
     _assert_fisher_close(f_batch, {k: v.double() for k, v in f_sample.items()}, rtol=1e-4)
     _assert_fisher_close(f_batched, {k: v.double() for k, v in f_sample.items()}, rtol=1e-4)
 
 
 def test_update_from_grads_refuses_negative_or_nan_scale():
     model = _lora(tiny_llama())
-    est = FisherEstimator(model, params="lora")
+    est = FisherEstimator(model, normalize="sample", params="lora")
     with pytest.raises(ValueError, match="scale must be a finite float >= 0"):
         est.update_from_grads(model, decay=0.5, scale=-1.0)
     with pytest.raises(ValueError, match="scale must be a finite float >= 0"):

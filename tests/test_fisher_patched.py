@@ -38,10 +38,10 @@ def _peft_calls(report) -> int:
 def test_patched_model_matches_unpatched(granularity, fuse_siblings):
     model = _model(lora_bias=True)
     batches = _batches()
-    want = FisherEstimator(model, params="lora", granularity=granularity).estimate(batches, progress=False)
+    want = FisherEstimator(model, normalize="sample", params="lora", granularity=granularity).estimate(batches, progress=False)
     patched = copy.deepcopy(model)
     report = forgetkern.patch(patched, fuse_siblings=fuse_siblings)
-    est = FisherEstimator(patched, params="lora", granularity=granularity)
+    est = FisherEstimator(patched, normalize="sample", params="lora", granularity=granularity)
     assert est.layers and all(isinstance(layer, LoraTap) for layer in est.layers) and not est.fallback
     got = est.estimate(batches, progress=False)
     assert _fused_calls(report) > 0 and _peft_calls(report) == 0  # every call took the fused op
@@ -58,7 +58,7 @@ def test_patched_base_weight_requested_goes_through_peft_path():
     model = _model(target_modules=["q_proj", "v_proj"])
     forgetkern.patch(model)
     names = [n for n, _ in model.named_parameters() if "layers.0.self_attn.q_proj" in n]
-    est = FisherEstimator(model, params=names)
+    est = FisherEstimator(model, normalize="sample", params=names)
     assert not any(isinstance(layer, LoraTap) for layer in est.layers)
     batches = _batches(n_batches=1)
     _assert_fisher_close(est.estimate(batches, progress=False), _per_sample_oracle(model, batches, names))
@@ -72,7 +72,7 @@ def test_patched_call_on_peft_path_is_refused():
         if hasattr(m, "_forgetkern_state"):
             m.lora_A["default"].to(torch.float64)  # mixed dtypes: this call goes to PEFT's forward
     with pytest.raises(RuntimeError, match="unpatch"):
-        FisherEstimator(model, params="lora").estimate(_batches(n_batches=1), progress=False)
+        FisherEstimator(model, normalize="sample", params="lora").estimate(_batches(n_batches=1), progress=False)
     assert all(not m._forgetkern_state.fisher for m in model.modules() if hasattr(m, "_forgetkern_state"))
 
 
@@ -86,7 +86,7 @@ def test_activation_checkpointing(patched):
 
     model = _model(target_modules=["q_proj", "v_proj", "down_proj"])
     batches = _batches()
-    want = FisherEstimator(model, params="lora").estimate(batches, progress=False)
+    want = FisherEstimator(model, normalize="sample", params="lora").estimate(batches, progress=False)
     ckpt = copy.deepcopy(model)
     if patched:
         forgetkern.patch(ckpt)
@@ -100,7 +100,7 @@ def test_activation_checkpointing(patched):
         logits = model(**batch, use_cache=False).logits
         return logits[:, :-1], batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
 
-    got = FisherEstimator(ckpt, params="lora", batch_fn=batch_fn).estimate(batches, progress=False)
+    got = FisherEstimator(ckpt, normalize="sample", params="lora", batch_fn=batch_fn).estimate(batches, progress=False)
     h.remove()
     assert len(calls) == 2 * len(batches)  # every module really ran twice per batch
     _assert_fisher_close(got, {k: v.double() for k, v in want.items()}, rtol=1e-5)
@@ -162,10 +162,10 @@ def test_patched_bf16_model_with_float32_adapters():
         if "lora_" in n:
             p.data = p.data.float()
     batches = _batches(n_batches=1)
-    want = FisherEstimator(model, params="lora").estimate(batches, progress=False)
+    want = FisherEstimator(model, normalize="sample", params="lora").estimate(batches, progress=False)
     patched = copy.deepcopy(model)
     report = forgetkern.patch(patched)
-    got = FisherEstimator(patched, params="lora").estimate(batches, progress=False)
+    got = FisherEstimator(patched, normalize="sample", params="lora").estimate(batches, progress=False)
     assert _fused_calls(report) > 0 and _peft_calls(report) == 0
     # same bf16 forward up to the rounding of the fused sum: a few bf16 ulps on the Fisher
     _assert_fisher_close(got, {k: v.double() for k, v in want.items()}, rtol=2e-2)

@@ -554,7 +554,7 @@ def _fisher(model, batches, backend="torch", granularity="sample"):
     from forgetkern.fisher import FisherEstimator
 
     with forgetkern.use_backend(backend, op="linear_persample_sq_grad_"):
-        return FisherEstimator(model, params="lora", granularity=granularity).estimate(batches, progress=False)
+        return FisherEstimator(model, normalize="sample", params="lora", granularity=granularity).estimate(batches, progress=False)
 
 
 def _fisher_close(got, want, rtol=1e-4):

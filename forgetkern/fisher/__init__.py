@@ -5,6 +5,6 @@
   model-sampled labels; plus the EWC++ / RWalk EMA from training gradients (:meth:`FisherEstimator.update_from_grads`).
 """
 
-from forgetkern.fisher.estimator import FisherEstimator, select_params
+from forgetkern.fisher.estimator import Fisher, FisherEstimator, select_params
 
-__all__ = ["FisherEstimator", "select_params"]
+__all__ = ["Fisher", "FisherEstimator", "select_params"]

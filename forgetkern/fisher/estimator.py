@@ -14,6 +14,7 @@ from forgetkern.fisher._capture import Capture, plan
 from forgetkern.ops.fisher_accumulate import fisher_accumulate_
 
 LABELS = ("empirical", "sampled")
+NORMALIZE = ("token", "sample")
 GRANULARITIES = ("batch", "sample", "token")
 _BATCHED_FALLBACK_BYTES = 256 << 20
 
@@ -22,14 +23,26 @@ ParamSpec = Union[None, str, Callable[[str, torch.nn.Parameter], bool], Iterable
 
 def select_params(model: torch.nn.Module, params: ParamSpec) -> Dict[str, torch.nn.Parameter]:
     """``{name: parameter}`` from ``params``: None (every parameter that requires grad), ``"lora"`` (names
-    containing ``lora_``), a predicate ``f(name, param) -> bool``, or an iterable of names / parameters."""
+    containing ``lora_``), ``"lora_base"`` (the frozen base weights of the LoRA-adapted layers, what
+    ``forgetkern.EWC(target="delta_w")`` consumes), a predicate ``f(name, param) -> bool``, or an iterable of
+    names / parameters."""
     named = dict(model.named_parameters())
     if params is None:
         out = {n: p for n, p in named.items() if p.requires_grad}
     elif isinstance(params, str):
-        if params != "lora":
-            raise ValueError(f"FisherEstimator: params={params!r}; use None, 'lora', a predicate or a list")
-        out = {n: p for n, p in named.items() if "lora_" in n}
+        if params == "lora":
+            out = {n: p for n, p in named.items() if "lora_" in n}
+        elif params == "lora_base":
+            out = {}
+            for mname, mod in model.named_modules():
+                base = getattr(mod, "base_layer", None)
+                if hasattr(mod, "lora_A") and isinstance(getattr(base, "weight", None), torch.Tensor):
+                    name = f"{mname}.base_layer.weight" if mname else "base_layer.weight"
+                    if name in named:
+                        out[name] = named[name]
+        else:
+            raise ValueError(f"FisherEstimator: params={params!r}; use None, 'lora', 'lora_base', a predicate or "
+                             f"a list")
     elif callable(params):
         out = {n: p for n, p in named.items() if params(n, p)}
     else:
@@ -47,6 +60,23 @@ def select_params(model: torch.nn.Module, params: ParamSpec) -> Dict[str, torch.
     if not out:
         raise ValueError("FisherEstimator: no parameter selected (params matched nothing)")
     return out
+
+
+class Fisher(dict):
+    """``{name: F}`` (float32 tensors) plus how it was estimated, so that its consumers know its scale.
+
+    Attributes: ``normalize`` ("token" or "sample"), ``granularity``, ``labels``, ``num_samples``,
+    ``num_tokens`` (labelled positions seen), ``num_batches``. A plain ``dict`` everywhere else."""
+
+    def __init__(self, tensors=(), *, normalize: str = "sample", granularity: str = "sample",
+                 labels: str = "empirical", num_samples: int = 0, num_tokens: int = 0, num_batches: int = 0):
+        super().__init__(tensors)
+        self.normalize, self.granularity, self.labels = normalize, granularity, labels
+        self.num_samples, self.num_tokens, self.num_batches = num_samples, num_tokens, num_batches
+
+    def meta(self) -> Dict[str, object]:
+        return {"normalize": self.normalize, "granularity": self.granularity, "labels": self.labels,
+                "num_samples": self.num_samples, "num_tokens": self.num_tokens, "num_batches": self.num_batches}
 
 
 class FisherEstimator:
@@ -69,6 +99,15 @@ class FisherEstimator:
       ``l_n`` over the batch: the square of the mini-batch mean gradient (what most EWC code computes, e.g.
       Avalanche's). Equal to "sample" for batches of one; smaller by about the batch size otherwise.
 
+    Normalisation (``normalize``). The sums above are divided by the number of samples (``"sample"``: the
+    per-sample Fisher of the SUMMED sequence loss, which grows with sequence length) or, the default, by the
+    number of labelled tokens (``"token"``: ``F = sum_n (d l_n / d theta)^2 / sum_n T_n`` for sample/token
+    granularity, and ``1/B sum_b T_b (d L_b / d theta)^2`` with ``L_b`` the per-token MEAN loss of batch ``b`` for
+    batch granularity). The token normalisation is the empirical-Fisher approximation of the Hessian of the
+    per-token mean loss - the loss Hugging Face models return - so ``lam/2 sum F d^2`` with ``lam = 1``
+    estimates how much the old data's mean token loss rises, whatever the sequence length or granularity: a
+    ``lam`` that keeps its meaning. :meth:`estimate` returns a :class:`Fisher` that records which one it is.
+
     Non-finite values are never folded in: per-sample contributions (sample/token) or gradient elements
     (batch, EMA) that are inf/nan are dropped; the names of the affected parameters end up in
     :attr:`nonfinite` (and a warning is emitted by :meth:`estimate`).
@@ -83,11 +122,14 @@ class FisherEstimator:
 
     def __init__(self, model: torch.nn.Module, *, labels: str = "empirical", granularity: str = "sample",
                  params: ParamSpec = None, label_samples: int = 1, seed: int = 0,
-                 batch_fn: Optional[Callable] = None):
+                 batch_fn: Optional[Callable] = None, normalize: str = "token"):
         if labels not in LABELS:
             raise ValueError(f"FisherEstimator: labels must be one of {LABELS}, got {labels!r}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"FisherEstimator: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if normalize not in NORMALIZE:
+            raise ValueError(f"FisherEstimator: normalize must be one of {NORMALIZE}, got {normalize!r}")
+        self.normalize = normalize
         if not isinstance(label_samples, int) or label_samples < 1:
             raise ValueError(f"FisherEstimator: label_samples must be an int >= 1, got {label_samples!r}")
         if labels == "empirical" and label_samples != 1:
@@ -103,6 +145,7 @@ class FisherEstimator:
         self.fisher: Dict[str, torch.Tensor] = {}
         self.nonfinite: list = []
         self.num_samples = 0
+        self.num_tokens = 0
         self._ema_flag: Optional[torch.Tensor] = None
 
     # ---- full estimate -------------------------------------------------------------------------------------
@@ -123,7 +166,7 @@ class FisherEstimator:
             total = min(total, len(dataloader))
         device = next(iter(self.params.values())).device
         gen = _data.make_generator(device, self.seed) if self.labels == "sampled" else None
-        count = 0
+        count = samples = tokens = batches_seen = 0
         capture = None
         if self.granularity != "batch":
             capture = Capture(self.model, self.layers, sums, flags, self.granularity == "token")
@@ -133,21 +176,27 @@ class FisherEstimator:
                 for i, batch in enumerate(dataloader):
                     if max_batches is not None and i >= max_batches:
                         break
-                    count += self._step(_data.to_device(batch, device), sums, flags, capture, gen)
+                    c, n_s, n_t = self._step(_data.to_device(batch, device), sums, flags, capture, gen)
+                    count, samples, tokens, batches_seen = count + c, samples + n_s, tokens + n_t, batches_seen + 1
                     bar.update(1)
             finally:
                 bar.close()
         if count == 0:
             raise ValueError("FisherEstimator.estimate: the dataloader gave no batch")
+        if self.normalize == "token" and self.granularity != "batch":
+            count = tokens
+            if tokens == 0:
+                raise ValueError("FisherEstimator.estimate: no labelled token in the data (every label is -100)")
         for s in sums.values():
             s.div_(count * self.label_samples)
         self.fisher = sums
-        self.num_samples = count
+        self.num_samples, self.num_tokens = samples, tokens
         self.nonfinite = [n for n, f in flags.items() if bool(f.item())]
         if self.nonfinite:
             warnings.warn(f"FisherEstimator: non-finite gradients were dropped for {len(self.nonfinite)} "
                           f"parameter(s): {self.nonfinite[:8]}", RuntimeWarning, stacklevel=2)
-        return dict(sums)
+        return Fisher(sums, normalize=self.normalize, granularity=self.granularity, labels=self.labels,
+                      num_samples=samples, num_tokens=tokens, num_batches=batches_seen)
 
     @contextlib.contextmanager
     def _estimation_mode(self, capture: Optional[Capture]):
@@ -168,8 +217,9 @@ class FisherEstimator:
                 self.params[n].requires_grad_(flag)
             self.model.train(was_training)
 
-    def _step(self, batch, sums, flags, capture: Optional[Capture], gen) -> int:
-        """One batch; returns the number of samples (sample/token) or 1 (batch) to normalise by."""
+    def _step(self, batch, sums, flags, capture: Optional[Capture], gen) -> tuple:
+        """One batch; returns (the count to normalise by under "sample": samples, or 1 for batch granularity;
+        the number of samples; the number of labelled tokens)."""
         if capture is not None:
             capture.new_batch(_batch_size(batch), None)
         with torch.enable_grad():
@@ -179,6 +229,7 @@ class FisherEstimator:
             capture.n = n
             if mask is not None:
                 capture.mask = mask.to(torch.bool)
+        n_tokens = int((labels != -100).sum())
         draws = [labels] if self.labels == "empirical" else _data.sample_labels(logits, labels,
                                                                                self.label_samples, gen)
         for j, y in enumerate(draws):
@@ -186,10 +237,16 @@ class FisherEstimator:
             last = j == len(draws) - 1
             if self.granularity == "batch":
                 names = list(self.params)
-                grads = torch.autograd.grad(losses.mean(), [self.params[k] for k in names],
+                # "sample": the square of the gradient of the mean over samples of the summed sequence loss;
+                # "token": T_b times the square of the gradient of the per-token mean loss (see the docstring)
+                per_token = self.normalize == "token"
+                mean_loss = losses.sum() / max(n_tokens, 1) if per_token else losses.mean()
+                grads = torch.autograd.grad(mean_loss, [self.params[k] for k in names],
                                             retain_graph=not last, allow_unused=True)
                 pairs = [(sums[k], g) for k, g in zip(names, grads) if g is not None]
-                if pairs and bool(fisher_accumulate_([a for a, _ in pairs], [g.contiguous() for _, g in pairs])):
+                sc = float(max(n_tokens, 1)) if per_token else 1.0
+                if pairs and bool(fisher_accumulate_([a for a, _ in pairs], [g.contiguous() for _, g in pairs],
+                                                     scale=sc)):
                     for k, g in zip(names, grads):  # rare: find which parameters saw inf/nan
                         if g is not None and not bool(torch.isfinite(g).all()):
                             flags[k] = torch.ones((), dtype=torch.float32)
@@ -203,7 +260,7 @@ class FisherEstimator:
                                         allow_unused=True)
                 finally:
                     capture.active = False
-        return 1 if self.granularity == "batch" else n
+        return (1 if self.granularity == "batch" else n), n, n_tokens
 
     def _fallback_per_sample(self, losses: torch.Tensor, sums, flags, retain: bool) -> None:
         """Per-sample autograd for parameters without a fused path: one batched backward over the samples
