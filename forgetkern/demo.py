@@ -31,11 +31,12 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 QUICK = dict(seeds=(0,), length=64, batch_size=4, task_windows=192, eval_windows=16, mc=False,
-             naive_lrs=(3e-3, 1e-2), checkpoints=(8, 16), methods=("naive", "replay", "lwf", "ewc"),
-             full_lrs=(), mitigation_lr=None)
+             naive_lrs=(1e-3, 3e-3), checkpoints=(8, 16), methods=("naive", "replay", "lwf", "ewc"),
+             full_lrs=(), mitigation_lr=1e-3, fisher_batches=2)
 FULL = dict(seeds=(0, 1, 2), length=128, batch_size=8, task_windows=1024, eval_windows=48, mc=True,
             naive_lrs=(1e-3, 3e-3, 1e-2), checkpoints=(16, 32, 64),
-            methods=("naive", "full", "replay", "freeze", "lwf", "ewc"), full_lrs=(1e-5, 3e-5), mitigation_lr=None)
+            methods=("naive", "full", "replay", "freeze", "lwf", "ewc"), full_lrs=(1e-5, 3e-5), mitigation_lr=None,
+            fisher_batches=None)
 
 
 def build_data(tokenizer, cfg: Dict):
@@ -54,7 +55,7 @@ def build_data(tokenizer, cfg: Dict):
     )
 
 
-def base_fisher(base, data, *, seed: int = 0):
+def base_fisher(base, data, *, seed: int = 0, max_batches=None):
     """The diagonal Fisher of the base weights of every LoRA-adapted layer, on the general replay text."""
     import forgetkern
     from forgetkern.data import batches
@@ -63,7 +64,7 @@ def base_fisher(base, data, *, seed: int = 0):
     probe = _peft_model(base, RunConfig(method="naive", lr=1e-3, checkpoints=(1,), seed=seed))
     forgetkern.patch(probe)
     est = forgetkern.FisherEstimator(probe, params="lora_base")
-    return est.estimate(batches(data.general_replay, 4), progress=False)
+    return est.estimate(batches(data.general_replay, 4), progress=False, max_batches=max_batches)
 
 
 def equal_gain_drop(points: Sequence[tuple], gain: float) -> Optional[float]:
@@ -128,7 +129,7 @@ def run(cfg: Dict, out_dir: pathlib.Path, *, progress: bool = True, log=print):
     fisher = None
     if any(c.method == "ewc" for c in configs):
         t0 = time.perf_counter()
-        fisher = base_fisher(base, data)
+        fisher = base_fisher(base, data, max_batches=cfg.get("fisher_batches"))
         log(f"base-weight Fisher on general text: {len(fisher)} tensors, {time.perf_counter() - t0:.0f} s")
     report = ForgettingReport(meta={"model": "SmolLM2-135M-Instruct", "task": "Python stdlib source",
                                     "general": "forgetkern.corpora general English", "before": before,
