@@ -213,7 +213,7 @@ def test_auto_picks_cpp_on_cpu():
 
 def test_build_without_the_kernels_falls_back(monkeypatch):
     """An extension built from sources older than lora_dropout: auto runs torch, an explicit cpp says rebuild."""
-    monkeypatch.setitem(_backend.CPP_COMPOSED, "lora_linear", ("lora_dropout", "lora_dropout_v0"))
+    monkeypatch.setitem(_backend.CPP_KERNELS, "lora_linear", ("lora_dropout", "lora_dropout_v0"))
     _backend._availability.cache_clear()  # availability is cached per process
     try:
         assert "lora_dropout_v0" in _backend.availability("cpu", "lora_linear")["cpp"]
