@@ -2,7 +2,7 @@
 
 Math, per element, for each pair (F, g) of the lists::
 
-    F <- decay * F + scale * g^2            (computed in float32, or float64 for float64 state)
+    F <- decay * F + (scale * g) * g        (computed in float32, or float64 for float64 state)
 
 An element whose gradient is not finite (inf or nan), or whose update is not finite once stored (a finite
 gradient can overflow: ``(1e20)^2`` in float32, or a float32 result past bfloat16's range), is left unchanged,
@@ -27,7 +27,7 @@ def fisher_accumulate_(fishers: list, grads: list, decay: float, scale: float) -
             continue
         acc = acc_dtype(f.dtype)
         g32 = g.to(acc)
-        new = (f.to(acc) * decay + g32 * g32 * scale).to(f.dtype)  # rounded once to the state dtype
+        new = (f.to(acc) * decay + scale * g32 * g32).to(f.dtype)  # rounded once to the state dtype
         finite = torch.isfinite(g32) & torch.isfinite(new)
         f.copy_(torch.where(finite, new, f))
         found = torch.maximum(found, (~finite).any().to(torch.float32))

@@ -2,9 +2,9 @@
 
 Math, per element, for each pair ``(F, g)`` of the lists::
 
-    u = S(decay * F + scale * g^2)     (float32 math, float64 for float64 state; S rounds to the state dtype)
-    F <- u                             if g and u are finite
-    F <- F                             otherwise            (and the returned flag becomes 1.0)
+    u = S(decay * F + (scale * g) * g)   (float32 math, float64 for float64 state; S rounds to the state dtype)
+    F <- u                               if g and u are finite
+    F <- F                               otherwise            (and the returned flag becomes 1.0)
 
 Returns a 0-dim float32 tensor on the device: 1.0 if any element was skipped (a gradient that was inf/nan, or
 a finite one whose update overflowed), else 0.0. Each
@@ -53,7 +53,7 @@ def _fisher_step(f_ptr, g_ptr, offs, mask, decay, scale, F64: tl.constexpr, MASK
     else:
         f = _up(tl.load(f_ptr + offs), F64)
         g = _up(tl.load(g_ptr + offs), F64)
-    new = (f * _scalar(decay, F64) + g * g * _scalar(scale, F64)).to(f_ptr.dtype.element_ty)
+    new = (f * _scalar(decay, F64) + _scalar(scale, F64) * g * g).to(f_ptr.dtype.element_ty)
     # false for +-inf and nan: of g, and of the update as stored (a finite g can overflow g*g or the store)
     finite = (tl.abs(g) < float("inf")) & (tl.abs(_up(new, F64)) < float("inf"))
     out = tl.where(finite, new, f.to(f_ptr.dtype.element_ty))

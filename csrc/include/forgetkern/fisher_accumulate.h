@@ -2,11 +2,13 @@
 //
 //   C = double when the Fisher state is float64, else float; decay and scale are rounded to C once.
 //   g = C(grad), f = C(fisher)
-//   u = S( (f * decay) + ((g * g) * scale) )      S: round once to the state dtype (RNE)
+//   u = S( (f * decay) + ((scale * g) * g) )      S: round once to the state dtype (RNE)
+//   (scale first: scale = 0 ignores a finite g whose square alone would overflow, and a small scale keeps a
+//   large g's update finite)
 //   if g and u are finite:  fisher <- u
 //   else:                   fisher is left unchanged (same bits) and the op's found-nonfinite flag is set
 //
-// u can overflow for a finite g (g = 1e20 in fp32: g*g = inf; or a float32 sum that rounds to bf16 inf), so the
+// u can overflow for a finite g (g = 1e20, scale = 1 in fp32: inf; or a float32 sum that rounds to bf16 inf), so the
 // check is on the stored result as well as on g: a non-finite value never enters the Fisher.
 //
 // Every operation is a separate IEEE operation in exactly this order (no FMA contraction), which is also the
@@ -19,7 +21,7 @@ namespace forgetkern {
 
 template <typename C>
 FK_INLINE C fisher_update(C f, C g, C decay, C scale) {
-  return fk_add(fk_mul(f, decay), fk_mul(fk_mul(g, g), scale));
+  return fk_add(fk_mul(f, decay), fk_mul(fk_mul(scale, g), g));
 }
 
 // One element on storage types: returns the new state and adds 1 to `nonfinite` when g or the update is not
