@@ -4,8 +4,8 @@ Every op exists up to four times:
 
 * ``torch``  - the pure-PyTorch reference (``forgetkern/reference``): the test oracle and the fallback that
   always works, on every device and dtype;
-* ``cpp``    - the CPU C++ extension (``forgetkern._C``, OpenMP); for the ops of :data:`CPP_COMPOSED`, Python
-  in ``forgetkern/cpu`` that calls its kernels;
+* ``cpp``    - the CPU C++ extension (``forgetkern._C``, OpenMP); for LoRA, Python in ``forgetkern/cpu`` that
+  calls its kernels;
 * ``cuda``   - the CUDA C++ extension (``forgetkern._cuda``);
 * ``triton`` - Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 
@@ -108,12 +108,10 @@ def triton_available() -> bool:
     return True
 
 
-# Ops whose cpp implementation is Python (``forgetkern/cpu/<op>.py``, the op's module named like the op) calling
-# these C++ kernels of ``torch.ops.forgetkern_cpu``; an extension built from older sources lacks them.
-CPP_COMPOSED = {"lora_linear": ("lora_dropout", "lora_dropout_add_")}
-# The C++ kernels each op's cpp backend needs, for ops newer than the first extension (an extension built
-# from older sources lacks them: the cpp backend is then unavailable for the op, with the reason).
-CPP_KERNELS = {**CPP_COMPOSED, "ewc_delta_w": ("ewc_delta_w",)}
+# The C++ kernels of ``torch.ops.forgetkern_cpu`` each op's cpp backend needs, for ops newer than the first
+# extension (an extension built from older sources lacks them: the cpp backend is then unavailable for the op,
+# with the reason). lora_linear's cpp backend is Python (forgetkern/cpu/lora_linear.py) calling these kernels.
+CPP_KERNELS = {"lora_linear": ("lora_dropout", "lora_dropout_add_"), "ewc_delta_w": ("ewc_delta_w",)}
 
 
 def _cpp_kernels_missing(op: str) -> Optional[str]:
@@ -164,12 +162,8 @@ _AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 # Ops whose fastest CUDA implementation is the Triton one (pipelined tiles, wgmma on sm_90) rather than the
 # CUDA C++ one, which is kept as the toolchain-free alternative.
 _AUTO_ORDER_BY_OP = {"lora_linear": {"cuda": ("triton", "cuda", "torch")}}
-SUPPORTED_BY_OP = {
-    "lora_linear": ("torch", "cpp", "cuda", "triton"),
-    "linear_persample_sq_grad_": ("torch", "cuda", "triton"),
-    "lwf_loss": ("torch",),
-    "ewc_delta_w": ("torch", "cpp"),
-}
+# The backends that implement each op: filled by the op's :class:`Kernels` when its module is imported.
+SUPPORTED_BY_OP: dict = {}
 
 
 def resolve(op: str, device: torch.device, *, supported: Optional[tuple] = None) -> str:
@@ -179,7 +173,7 @@ def resolve(op: str, device: torch.device, *, supported: Optional[tuple] = None)
     by default every backend that has the op.
     """
     if supported is None:
-        supported = SUPPORTED_BY_OP.get(op, ("torch", "cpp", "cuda", "triton"))
+        supported = SUPPORTED_BY_OP[op]
     want = requested(op)
     avail = availability(device.type, op)
     if want == "auto":
@@ -199,19 +193,51 @@ def resolve(op: str, device: torch.device, *, supported: Optional[tuple] = None)
     return want
 
 
-def kernel(module: str, fn: str, backend: str):
-    """The implementation of ``fn`` on ``backend``, found by the op's name through every layer.
+class Kernels:
+    """The implementations of one op's kernel, one per backend, named where the op is defined.
 
-    ``torch`` -> ``forgetkern.reference.<module>.<fn>``, ``triton`` -> ``forgetkern.triton.<module>.<fn>``,
-    ``cpp`` -> ``torch.ops.forgetkern_cpu.<fn>`` (``forgetkern.cpu.<module>.<fn>`` for the ops of
-    :data:`CPP_COMPOSED`), ``cuda`` -> ``torch.ops.forgetkern_cuda.<fn>``.
+    An op is defined once, in ``forgetkern/ops/<op>.py`` (``torch.library.custom_op`` in the ``forgetkern::``
+    namespace); its body calls ``KERNELS(device)(...)``, which returns the implementation of the backend that
+    :func:`resolve` picks. Each value passed here is a function of no arguments that returns the implementation,
+    so the compiled extensions and Triton are loaded on first use only, and every implementation is spelt out in
+    the op's file (``find usages`` of ``forgetkern.triton.ewc_penalty.ewc_fused`` finds its op)::
+
+        KERNELS = _backend.Kernels(
+            "fisher_accumulate_",
+            torch=lambda: reference.fisher_accumulate_,
+            cpp=lambda: _ext.cpu_ops().fisher_accumulate_,
+            triton=lambda: _triton().fisher_accumulate_,
+        )
+
+    The backends an op has are the keys given here (they fill :data:`SUPPORTED_BY_OP`); the extensions'
+    kernels keep their own namespaces (``forgetkern_cpu``, ``forgetkern_cuda``) and their schemas are checked
+    against the op's by the test suite (tests/test_op_schemas.py).
     """
-    import importlib
 
-    from forgetkern import _ext
+    def __init__(self, op: str, **loaders):
+        unknown = sorted(set(loaders) - set(BACKENDS[1:]))
+        if unknown or "torch" not in loaders:
+            raise ValueError(f"Kernels({op!r}): backends must include 'torch' and be among {BACKENDS[1:]}, got "
+                             f"{sorted(loaders)}")
+        self.op = op
+        self._loaders = loaders
+        self._loaded: dict = {}
+        self.backends = tuple(b for b in BACKENDS[1:] if b in loaders)
+        have = SUPPORTED_BY_OP.setdefault(op, self.backends)
+        if have != self.backends:
+            raise ValueError(f"Kernels({op!r}): backends {self.backends} differ from those of another kernel of "
+                             f"the op, {have}")
 
-    if backend in ("torch", "triton") or (backend == "cpp" and module in CPP_COMPOSED):
-        package = {"torch": "reference", "triton": "triton", "cpp": "cpu"}[backend]
-        return getattr(importlib.import_module(f"forgetkern.{package}.{module}"), fn)
-    ops = _ext.cpu_ops() if backend == "cpp" else _ext.cuda_ops()
-    return getattr(ops, fn)
+    def get(self, backend: str):
+        """The implementation on ``backend`` (a backend of this op)."""
+        fn = self._loaded.get(backend)
+        if fn is None:
+            if backend not in self._loaders:
+                raise BackendError(f"forgetkern.{self.op}: backend {backend!r} does not implement this op "
+                                   f"(implemented: {', '.join(self.backends)})")
+            fn = self._loaded[backend] = self._loaders[backend]()
+        return fn
+
+    def __call__(self, device: torch.device, *, supported: Optional[tuple] = None):
+        """The implementation of the backend that runs the op on ``device`` (see :func:`resolve`)."""
+        return self.get(resolve(self.op, device, supported=supported))

@@ -13,6 +13,8 @@ REPORTED_OPS = (
     ("ewc_penalty / ewc_penalty_and_grad_", "ewc_fused"),
     ("lora_linear (forgetkern.patch)", "lora_linear"),
     ("linear_persample_sq_grad_", "linear_persample_sq_grad_"),
+    ("ewc_delta_w / ewc_delta_w_and_grad_", "ewc_delta_w"),
+    ("lwf_loss", "lwf_loss"),
 )
 
 
@@ -76,7 +78,7 @@ def env_report() -> str:
             except _backend.BackendError as e:
                 chosen = f"error: {e}"
             avail = _backend.availability(dev, op)
-            has = _backend.SUPPORTED_BY_OP.get(op, ("torch", "cpp", "cuda", "triton"))
+            has = _backend.SUPPORTED_BY_OP[op]
             usable = ", ".join(name for name, why in avail.items() if why is None and name in has)
             lines.append(f"  {public:<38} {dev:<5} -> {chosen:<7} (usable here: {usable})")
     return "\n".join(lines)

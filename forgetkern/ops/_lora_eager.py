@@ -126,20 +126,6 @@ class MixedFn(torch.autograd.Function):
         return (None, None, dx, None, d_bias, d_lbias, *d_a, *d_b)
 
 
-_EAGER_KERNELS: dict = {}  # backend -> (fwd, bwd), looked up once
-
-
-def eager_kernels(backend: str):
-    """``(fwd, bwd)`` for :class:`EagerFn` when ``backend`` runs eagerly (torch GEMMs on the host), else None."""
-    if backend not in ("torch", "cpp"):
-        return None
-    kernels = _EAGER_KERNELS.get(backend)
-    if kernels is None:
-        kernels = _EAGER_KERNELS[backend] = (_backend.kernel("lora_linear", "lora_linear_fwd", backend),
-                                             _backend.kernel("lora_linear", "lora_linear_bwd", backend))
-    return kernels
-
-
 def eager(tensors) -> bool:
     """True when a call can take :class:`EagerFn`: plain tensors, no compile / tracing / dispatch mode."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:

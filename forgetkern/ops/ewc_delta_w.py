@@ -26,14 +26,22 @@ from typing import List
 
 import torch
 
-from forgetkern import _backend, _validate
+from forgetkern import _backend, _ext, _validate
+from forgetkern.reference import ewc_delta_w as reference
 from forgetkern.reference.ewc_delta_w import ewc_delta_w_grads, result_dtype
 
 OP = _backend.register_op("ewc_delta_w", "ewc_delta_w_and_grad_")
 
 
+KERNELS = _backend.Kernels(
+    OP,
+    torch=lambda: reference.ewc_delta_w,
+    cpp=lambda: _ext.cpu_ops().ewc_delta_w,
+)
+
+
 def _kernel(lora_a):
-    return _backend.kernel("ewc_delta_w", "ewc_delta_w", _backend.resolve(OP, lora_a[0].device))
+    return KERNELS(lora_a[0].device)
 
 
 @torch.library.custom_op("forgetkern::ewc_delta_w_fused", mutates_args=("grads_a", "grads_b"))

@@ -26,16 +26,32 @@ from typing import List
 
 import torch
 
-from forgetkern import _backend, _validate
+from forgetkern import _backend, _ext, _validate
+from forgetkern.reference import ewc_penalty as reference
 
 OP = _backend.register_op("ewc_fused", "ewc_penalty_and_grad_", "ewc_penalty")
+
+
+def _triton():
+    from forgetkern.triton import ewc_penalty
+
+    return ewc_penalty
+
+
+# One kernel for both ops: penalty, and optionally its gradient written or added into grads.
+KERNELS = _backend.Kernels(
+    OP,
+    torch=lambda: reference.ewc_fused,
+    cpp=lambda: _ext.cpu_ops().ewc_fused,
+    cuda=lambda: _ext.cuda_ops().ewc_fused,
+    triton=lambda: _triton().ewc_fused,
+)
 
 
 @torch.library.custom_op("forgetkern::ewc_fused", mutates_args=("grads",))
 def _ewc_fused_op(params: List[torch.Tensor], anchors: List[torch.Tensor], fishers: List[torch.Tensor],
                   grads: List[torch.Tensor], lam: float, write_grad: bool, accumulate: bool) -> torch.Tensor:
-    backend = _backend.resolve(OP, params[0].device)
-    return _backend.kernel("ewc_penalty", OP, backend)(params, anchors, fishers, grads, lam, write_grad, accumulate)
+    return KERNELS(params[0].device)(params, anchors, fishers, grads, lam, write_grad, accumulate)
 
 
 @_ewc_fused_op.register_fake
@@ -46,8 +62,7 @@ def _(params, anchors, fishers, grads, lam, write_grad, accumulate):
 @torch.library.custom_op("forgetkern::ewc_penalty", mutates_args=())
 def _ewc_penalty_op(params: List[torch.Tensor], anchors: List[torch.Tensor], fishers: List[torch.Tensor],
                     lam: float) -> torch.Tensor:
-    backend = _backend.resolve(OP, params[0].device)
-    return _backend.kernel("ewc_penalty", OP, backend)(params, anchors, fishers, [], lam, False, False)
+    return KERNELS(params[0].device)(params, anchors, fishers, [], lam, False, False)
 
 
 @_ewc_penalty_op.register_fake

@@ -22,16 +22,31 @@ from typing import List
 
 import torch
 
-from forgetkern import _backend, _validate
+from forgetkern import _backend, _ext, _validate
+from forgetkern.reference import fisher_accumulate as reference
 
 OP = _backend.register_op("fisher_accumulate_")
+
+
+def _triton():
+    from forgetkern.triton import fisher_accumulate
+
+    return fisher_accumulate
+
+
+KERNELS = _backend.Kernels(
+    OP,
+    torch=lambda: reference.fisher_accumulate_,
+    cpp=lambda: _ext.cpu_ops().fisher_accumulate_,
+    cuda=lambda: _ext.cuda_ops().fisher_accumulate_,
+    triton=lambda: _triton().fisher_accumulate_,
+)
 
 
 @torch.library.custom_op("forgetkern::fisher_accumulate_", mutates_args=("fishers",))
 def _fisher_accumulate_op(fishers: List[torch.Tensor], grads: List[torch.Tensor], decay: float,
                           scale: float) -> torch.Tensor:
-    backend = _backend.resolve(OP, fishers[0].device)
-    return _backend.kernel("fisher_accumulate", OP, backend)(fishers, grads, decay, scale)
+    return KERNELS(fishers[0].device)(fishers, grads, decay, scale)
 
 
 @_fisher_accumulate_op.register_fake

@@ -34,9 +34,24 @@ from typing import Optional
 
 import torch
 
-from forgetkern import _backend, _validate
+from forgetkern import _backend, _ext, _validate
+from forgetkern.reference import linear_persample_sq_grad as reference
 
 OP = _backend.register_op("linear_persample_sq_grad_")
+
+
+def _triton():
+    from forgetkern.triton import linear_persample_sq_grad
+
+    return linear_persample_sq_grad
+
+
+KERNELS = _backend.Kernels(
+    OP,
+    torch=lambda: reference.linear_persample_sq_grad_,
+    cuda=lambda: _ext.cuda_ops().linear_persample_sq_grad_,
+    triton=lambda: _triton().linear_persample_sq_grad_,
+)
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 GRANULARITIES = ("sample", "token")
 
@@ -44,10 +59,8 @@ GRANULARITIES = ("sample", "token")
 @torch.library.custom_op("forgetkern::linear_persample_sq_grad_", mutates_args=("fisher",))
 def _op(fisher: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor, mask: Optional[torch.Tensor],
         scale: float, token_level: bool) -> torch.Tensor:
-    supported = ("torch",) if torch.float64 in (fisher.dtype, x.dtype) else ("torch", "cuda", "triton")
-    backend = _backend.resolve(OP, fisher.device, supported=supported)
-    return _backend.kernel("linear_persample_sq_grad", OP, backend)(fisher, x, grad_out, mask, scale,
-                                                                     token_level)
+    supported = ("torch",) if torch.float64 in (fisher.dtype, x.dtype) else None
+    return KERNELS(fisher.device, supported=supported)(fisher, x, grad_out, mask, scale, token_level)
 
 
 @_op.register_fake

@@ -42,9 +42,10 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from forgetkern import _backend
-from forgetkern.ops._lora_eager import EagerFn, MixedFn, eager, eager_kernels, lora_grads
+from forgetkern import _backend, _ext
+from forgetkern.ops._lora_eager import EagerFn, MixedFn, eager, lora_grads
 from forgetkern.ops.lora_fisher import LoraFisher, attach_fisher, check_fisher
+from forgetkern.reference import lora_linear as lref
 from forgetkern.reference.lora_linear import dropout_keys
 
 OP = _backend.register_op("lora_linear")
@@ -72,15 +73,46 @@ def _impl_name(x: Tensor) -> str:
     return _backend.resolve(OP, x.device, supported=_supported(x))
 
 
-def _impl(fn: str, x: Tensor):
-    return _backend.kernel(OP, fn, _impl_name(x))
+def _triton():
+    from forgetkern.triton import lora_linear
+
+    return lora_linear
+
+
+def _cpp():
+    from forgetkern.cpu import lora_linear  # the reference's GEMMs with the C++ dropout kernels
+
+    return lora_linear
+
+
+FWD_KERNELS = _backend.Kernels(
+    OP,
+    torch=lambda: lref.lora_linear_fwd,
+    cpp=lambda: _cpp().lora_linear_fwd,
+    cuda=lambda: _ext.cuda_ops().lora_linear_fwd,
+    triton=lambda: _triton().lora_linear_fwd,
+)
+BWD_KERNELS = _backend.Kernels(
+    OP,
+    torch=lambda: lref.lora_linear_bwd,
+    cpp=lambda: _cpp().lora_linear_bwd,
+    cuda=lambda: _ext.cuda_ops().lora_linear_bwd,
+    triton=lambda: _triton().lora_linear_bwd,
+)
+
+
+def eager_kernels(backend: str):
+    """``(fwd, bwd)`` for :class:`EagerFn` when ``backend`` runs eagerly (torch GEMMs on the host), else None."""
+    if backend not in ("torch", "cpp"):
+        return None
+    return FWD_KERNELS.get(backend), BWD_KERNELS.get(backend)
 
 
 @torch.library.custom_op("forgetkern::lora_linear_fwd", mutates_args=())
 def _fwd_op(x: Tensor, weights: List[Tensor], biases: List[Tensor], bias_layer: List[int], lora_a: List[Tensor],
             lora_b: List[Tensor], layer: List[int], scaling: List[float], dropout_p: List[float],
             keys: List[int]) -> Tuple[List[Tensor], Tensor]:
-    return _impl("lora_linear_fwd", x)(x, weights, biases, bias_layer, lora_a, lora_b, layer, scaling,
+    return FWD_KERNELS(x.device, supported=_supported(x))(x, weights, biases, bias_layer, lora_a, lora_b, layer, scaling,
                                         dropout_p, keys)
 
 
@@ -94,7 +126,7 @@ def _(x, weights, biases, bias_layer, lora_a, lora_b, layer, scaling, dropout_p,
 def _bwd_op(dys: List[Tensor], x: Tensor, weights: List[Tensor], lora_a: List[Tensor], lora_b: List[Tensor],
             xa: Tensor, layer: List[int], scaling: List[float], dropout_p: List[float], keys: List[int],
             need_dx: bool, need_da: bool, need_db: bool) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
-    return _impl("lora_linear_bwd", x)(dys, x, weights, lora_a, lora_b, xa, layer, scaling, dropout_p, keys,
+    return BWD_KERNELS(x.device, supported=_supported(x))(dys, x, weights, lora_a, lora_b, xa, layer, scaling, dropout_p, keys,
                                         need_dx, need_da, need_db)
 
 

@@ -12,8 +12,10 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from forgetkern import _backend, _validate
+from forgetkern.reference import lwf_loss as reference
 
 OP = _backend.register_op("lwf_loss")
+KERNELS = _backend.Kernels(OP, torch=lambda: reference.lwf_loss)
 
 
 class LwfLoss(NamedTuple):
@@ -27,9 +29,8 @@ def _lwf_op(h_s: torch.Tensor, h_t: torch.Tensor, weight: torch.Tensor, labels: 
             bias: Optional[torch.Tensor], alpha: float, temperature: float, ce_weight: float, chunk_size: int,
             need_weight_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                              torch.Tensor]:
-    backend = _backend.resolve(OP, h_s.device)
-    return _backend.kernel("lwf_loss", OP, backend)(h_s, h_t, weight, labels, bias, alpha, temperature, ce_weight,
-                                                    chunk_size, need_weight_grad)
+    return KERNELS(h_s.device)(h_s, h_t, weight, labels, bias, alpha, temperature, ce_weight, chunk_size,
+                               need_weight_grad)
 
 
 @_lwf_op.register_fake
