@@ -169,6 +169,8 @@ SUPPORTED_BY_OP = {
     "linear_persample_sq_grad_": ("torch", "cuda", "triton"),
     "lwf_loss": ("torch",),
     "ewc_delta_w": ("torch", "cpp"),
+    "olora_loss": ("torch", "triton"),
+    "project_out_": ("torch", "triton"),
 }
 
 
