@@ -38,6 +38,7 @@ from forgetkern.ops.lwf_loss import LwfLoss, lwf_loss
 from forgetkern.ops.olora_loss import olora_loss
 from forgetkern.ops.project_out import project_out_
 from forgetkern.ops.lora_linear import LoraAdapter, LoraFisher, lora_linear, lora_linear_siblings
+from forgetkern.projection import GPM, OLoRA, OPLoRA
 from forgetkern.patching import PatchReport, is_patched, patch, unpatch
 from forgetkern.training.lwf import LwF
 
@@ -70,4 +71,7 @@ __all__ = [
     "ewc_delta_w_and_grad_",
     "olora_loss",
     "project_out_",
+    "OLoRA",
+    "OPLoRA",
+    "GPM",
 ]
