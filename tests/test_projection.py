@@ -209,7 +209,7 @@ def _tasks(seed):
     return out
 
 
-def _continual(method, seed, steps=100, lr=0.3):
+def _continual(method, seed, steps=60, lr=0.5):
     """Forgetting of task 1 (its MSE after task 2 minus after task 1) and the final task-2 MSE. Every method,
     plain included, trains a fresh adapter (the task-1 adapter merged) with SGD."""
     model = mlp_lora(seed)
@@ -224,7 +224,7 @@ def _continual(method, seed, steps=100, lr=0.3):
     for t in range(2):
         if t == 1:
             if method == "olora":
-                obj = forgetkern.OLoRA(model, lam=1.0, norm="fro2")
+                obj = forgetkern.OLoRA(model, lam=0.3, norm="fro2")
                 obj.new_task()
             elif method == "gpm":
                 obj = forgetkern.GPM(model, threshold=0.99)
