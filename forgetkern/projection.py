@@ -46,7 +46,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional
 import torch
 
 from forgetkern.ops.olora_loss import olora_loss
-from forgetkern.ops.project_out import project_out_
+from forgetkern.ops.project_out import project_out_, project_out_prechecked_
 
 
 class _Site:
@@ -214,6 +214,7 @@ class OPLoRA:
                 raise ValueError(f"OPLoRA: k={k} >= min(out, in) = {min(out_f, in_f)} for layer {s.name!r} "
                                  f"({out_f} x {in_f}): projecting out every singular direction leaves the adapter "
                                  f"nothing to learn; use k < {min(out_f, in_f)}")
+        self._checked: set = set()
         self.U: List[torch.Tensor] = []
         self.V: List[torch.Tensor] = []
         self.S: List[torch.Tensor] = []
@@ -238,8 +239,19 @@ class OPLoRA:
     def project_(self) -> None:
         """``B <- B - U_k (U_k^T B)`` and ``A <- A - (A V_k) V_k^T`` for every layer (two fused calls). Call it
         once before training and after every ``optimizer.step()``."""
-        project_out_([s.b for s in self.sites], self.U, side="left")
-        project_out_([s.a for s in self.sites], self.V, side="right")
+        self._project([s.b.detach() for s in self.sites], self.U, "left")
+        self._project([s.a.detach() for s in self.sites], self.V, "right")
+
+    def _project(self, xs, bases, side) -> None:
+        # the full checks once per (side, tensor set) structure, then the op without per-call checks
+        key = (side, tuple((x.data_ptr(), x.shape, u.data_ptr(), u.shape) for x, u in zip(xs, bases)))
+        if key in self._checked:
+            project_out_prechecked_(xs, bases, side)
+        else:
+            project_out_(xs, bases, side=side)
+            if len(self._checked) > 8:
+                self._checked.clear()
+            self._checked.add(key)
 
     @torch.no_grad()
     def project_grads_(self) -> None:
@@ -248,9 +260,9 @@ class OPLoRA:
         gb = _grads("OPLoRA", [s.b for s in self.sites])
         ga = _grads("OPLoRA", [s.a for s in self.sites])
         if gb:
-            project_out_([g for _, g in gb], [self.U[i] for i, _ in gb], side="left")
+            self._project([g for _, g in gb], [self.U[i] for i, _ in gb], "left")
         if ga:
-            project_out_([g for _, g in ga], [self.V[i] for i, _ in ga], side="right")
+            self._project([g for _, g in ga], [self.V[i] for i, _ in ga], "right")
 
     def state_dict(self) -> Dict[str, object]:
         return {"kind": "OPLoRA", "version": 1, "k": self.k, "names": list(self.names),
@@ -293,6 +305,7 @@ class GPM:
         self.sites = _sites("GPM", model)
         self.names = [s.name for s in self.sites]
         self.bases: List[torch.Tensor] = [torch.zeros(s.a.shape[1], 0, device=s.a.device) for s in self.sites]
+        self._checked: tuple = ()
 
     @staticmethod
     def _check_threshold(threshold) -> float:
@@ -345,7 +358,7 @@ class GPM:
             r = torch.cat(rows[i])
             if r.shape[0] > self.max_tokens:
                 r = r[torch.randperm(r.shape[0], generator=gen)[: self.max_tokens].to(r.device)]
-            self.bases[i] = self._grow(self.bases[i].to(r.device), r.contiguous(), th)
+            self.bases[i] = self._grow(self.bases[i].to(r.device), r.contiguous(), th).to(s.a.device)
         return [b.shape[1] for b in self.bases]
 
     @staticmethod
@@ -382,7 +395,13 @@ class GPM:
         call it between ``backward()`` and ``optimizer.step()``."""
         pairs = [(g, self.bases[i]) for i, g in _grads("GPM", [s.a for s in self.sites]) if self.bases[i].shape[1]]
         if pairs:
-            project_out_([g for g, _ in pairs], [u.to(g.device) for g, u in pairs], side="right")
+            xs, us = [g for g, _ in pairs], [u for _, u in pairs]
+            key = tuple((x.data_ptr(), x.shape, u.data_ptr(), u.shape) for x, u in zip(xs, us))
+            if key == self._checked:
+                project_out_prechecked_(xs, us, "right")
+            else:
+                project_out_(xs, us, side="right")
+                self._checked = key
 
     @torch.no_grad()
     def project_params_(self) -> None:

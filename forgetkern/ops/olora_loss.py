@@ -11,7 +11,7 @@ earlier tasks, stacked along the rank as the O-LoRA code does) and the current a
 The loss is a 0-dim tensor on the device (no host sync), float32 (float64 if any factor is float64); the
 math runs in float32 (float64) whatever the factors' dtype, gradients are rounded once to ``A_i``'s dtype.
 The backward is one fused call too (it recomputes the small ``P_i`` rather than saving it). Backends:
-``torch`` (layers grouped by shape, one ``bmm`` per group: the CPU path) and ``triton`` (one launch per dtype
+``torch`` (one ``mm`` per layer, fixed-order sum: the CPU path) and ``triton`` (one launch per dtype
 over a (layer, tile) grid, fixed-order reduction: deterministic).
 """
 

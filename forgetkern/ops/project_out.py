@@ -8,8 +8,8 @@ Math, per layer ``i`` (the shared step of OPLoRA and GPM / InfLoRA-style gradien
 ``U_i`` / ``V_i`` have orthonormal columns (then the map is the orthogonal projection onto the complement of
 their span, and applying it twice changes nothing). The dense projector ``I - U U^T`` (m x m) is never formed:
 two skinny products per layer, ``O(m n k)`` work. The math runs in float32 (float64 for float64 inputs), the
-result is rounded once to ``X_i``'s dtype. ``k_i = 0`` leaves ``X_i`` as it is. Backends: ``torch`` (stacked by
-shape, two ``bmm`` s per group: the CPU path) and ``triton`` (one launch per dtype pair, one program per layer,
+result is rounded once to ``X_i``'s dtype. ``k_i = 0`` leaves ``X_i`` as it is. Backends: ``torch`` (one ``mm`` and
+one in-place ``addmm_`` per layer: the CPU path) and ``triton`` (one launch per dtype pair, one program per layer,
 the basis processed in column blocks).
 """
 
@@ -36,6 +36,17 @@ def _project_out_op(tensors: List[torch.Tensor], bases: List[torch.Tensor], side
 @_project_out_op.register_fake
 def _(tensors, bases, side):
     return None
+
+
+def project_out_prechecked_(tensors: List[torch.Tensor], bases: List[torch.Tensor], side: str) -> None:
+    """:func:`project_out_` without the per-call argument checks, for callers that checked the structure once
+    (``OPLoRA`` / ``GPM`` check their bases and layers at construction): ``tensors`` must be contiguous, distinct
+    and shaped for ``bases`` (detached, on one device), a non-empty list; with hundreds of layers the checks cost
+    more than the math on CPU. Contiguity (cheap) is still checked."""
+    for i, x in enumerate(tensors):
+        if not x.is_contiguous():
+            raise ValueError(f"forgetkern.project_out_: tensors[{i}] is not contiguous; the op writes it in place")
+    _project_out_op(tensors, bases, side)
 
 
 def project_out_(tensors, bases, *, side: str) -> None:
@@ -85,5 +96,5 @@ def project_out_(tensors, bases, *, side: str) -> None:
             raise ValueError(f"forgetkern.{op}: tensors[{i}] is a leaf that requires grad; project parameters "
                              f"under torch.no_grad() (or pass their .grad)")
     _validate.no_overlap(op, [("tensors", tensors)], [("bases", bases)])
-    bases = [u.detach().contiguous() for u in bases]
+    bases = [u.detach() for u in bases]  # any strides: the torch path reads them as they are
     _project_out_op([x.detach() if x.requires_grad else x for x in tensors], bases, side)

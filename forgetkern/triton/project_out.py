@@ -72,6 +72,7 @@ def project_out_kernel(table, X_TY, U_TY, scratch, BLOCK_L: tl.constexpr, BLOCK_
 
 def project_out_(tensors, bases, side: str) -> None:
     device = tensors[0].device
+    bases = [u.contiguous() for u in bases]  # the kernel reads U row-major (L x k); kept alive through the launch
     groups: dict = {}
     for i, (x, u) in enumerate(zip(tensors, bases)):
         if x.numel() == 0 or u.shape[1] == 0:
