@@ -22,6 +22,7 @@ from forgetkern.triton import AotSpec
 BLOCK_L = 64
 BLOCK_KB = 32
 NUM_WARPS = 4
+NUM_STAGES = 1  # no software pipelining: with 2-3 stages the slab loads outgrow the register file (spills)
 
 
 @triton.jit(do_not_specialize_on_alignment=["X_TY", "U_TY", "scratch"])
@@ -94,7 +95,8 @@ def project_out_(tensors, bases, side: str) -> None:
         table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
         scratch = torch.empty(off, dtype=torch.float32, device=device)
         project_out_kernel[(table.shape[0],)](table, tensors[idx[0]], bases[idx[0]], scratch, BLOCK_L=BLOCK_L,
-                                              BLOCK_N=block_n, BLOCK_KB=BLOCK_KB, num_warps=NUM_WARPS)
+                                              BLOCK_N=block_n, BLOCK_KB=BLOCK_KB, num_warps=NUM_WARPS,
+                                              num_stages=NUM_STAGES)
 
 
 def _aot_specs() -> list:
@@ -103,7 +105,7 @@ def _aot_specs() -> list:
     for xt, ut, bn in (("fp32", "fp32", 16), ("bf16", "fp32", 16), ("bf16", "bf16", 32), ("fp16", "fp32", 16)):
         sig = dict(zip(names, ("*i64", "*" + xt, "*" + ut, "*fp32") + ("constexpr",) * 3))
         specs.append(AotSpec(project_out_kernel, sig, {"BLOCK_L": BLOCK_L, "BLOCK_N": bn, "BLOCK_KB": BLOCK_KB},
-                             f"X={xt} U={ut} BLOCK_N={bn}", {"num_warps": NUM_WARPS}))
+                             f"X={xt} U={ut} BLOCK_N={bn}", {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}))
     return specs
 
 
