@@ -100,7 +100,7 @@ SHAPES = {
     "r1-p1": [(1, 1, 7)],
     "no-past": [(0, 4, 9), (3, 4, 9)],           # first task: layers with p = 0 add nothing, zero gradient
     "wide-r": [(40, 17, 130), (5, 33, 64)],      # r beyond one BLOCK_R tile, in beyond one BLOCK_K slab
-    "many": [(2 + k % 5, 1 + k % 4, 3 + k) for k in range(16)],
+    "many": [(2 + k % 5, 1 + k % 4, 3 + k) for k in range(10)],
 }
 
 
@@ -154,9 +154,12 @@ def test_gradcheck_and_double_backward_float64():
 def test_opcheck(backend):
     past, cur = _layers([(6, 3, 7), (20, 16, 33)], torch.float32, 6)
     leaves = [c.clone().requires_grad_() for c in cur]
+    # the aot_dispatch checks trace the op's registration, the same for every backend: once, on torch
+    utils = None if backend == "torch" else ("test_schema", "test_autograd_registration", "test_faketensor")
+    kw = {} if utils is None else {"test_utils": utils}
     with forgetkern.use_backend(backend):
-        torch.library.opcheck(_olora_loss_op, (past, leaves, "l1"))
-        torch.library.opcheck(_olora_loss_backward_op, (past, cur, "fro2", torch.tensor(2.0)))
+        torch.library.opcheck(_olora_loss_op, (past, leaves, "l1"), **kw)
+        torch.library.opcheck(_olora_loss_backward_op, (past, cur, "fro2", torch.tensor(2.0)), **kw)
 
 
 def test_bad_inputs():

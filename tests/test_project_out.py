@@ -80,7 +80,7 @@ def test_matches_oracle_per_dtype(backend, side, x_dtype, u_dtype):
 SHAPES = {
     "k0-and-empty": [(9, 4, 0), (0, 3, 0), (9, 0, 3), (12, 5, 3)],
     "wide-n": [(40, 33, 7), (65, 17, 64)],           # n beyond one BLOCK_N tile, L beyond one BLOCK_L slab
-    "many": [(5 + k, 1 + k % 4, k % 5) for k in range(24)],
+    "many": [(5 + k, 1 + k % 4, k % 5) for k in range(12)],
 }
 
 
@@ -112,8 +112,11 @@ def test_invariants(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     xs, us = _case([(20, 4, 3), (17, 16, 5)], "left", torch.float32, torch.float32, seed=3)
+    # the aot_dispatch checks trace the op's registration, the same for every backend: once, on torch
+    utils = None if backend == "torch" else ("test_schema", "test_autograd_registration", "test_faketensor")
+    kw = {} if utils is None else {"test_utils": utils}
     with forgetkern.use_backend(backend):
-        torch.library.opcheck(_project_out_op, (xs, us, "left"))
+        torch.library.opcheck(_project_out_op, (xs, us, "left"), **kw)
 
 
 def test_bad_inputs():
