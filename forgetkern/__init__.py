@@ -35,7 +35,10 @@ from forgetkern.ops.linear_persample_sq_grad import (
     lora_persample_sq_grad_,
 )
 from forgetkern.ops.lwf_loss import LwfLoss, lwf_loss
+from forgetkern.ops.olora_loss import olora_loss
+from forgetkern.ops.project_out import project_out_
 from forgetkern.ops.lora_linear import LoraAdapter, LoraFisher, lora_linear, lora_linear_siblings
+from forgetkern.projection import GPM, OLoRA, OPLoRA
 from forgetkern.patching import PatchReport, is_patched, patch, unpatch
 from forgetkern.training.lwf import LwF
 
@@ -66,4 +69,9 @@ __all__ = [
     "LwF",
     "ewc_delta_w",
     "ewc_delta_w_and_grad_",
+    "olora_loss",
+    "project_out_",
+    "OLoRA",
+    "OPLoRA",
+    "GPM",
 ]
