@@ -38,6 +38,8 @@ from forgetkern.ops.lwf_loss import LwfLoss, lwf_loss
 from forgetkern.ops.lora_linear import LoraAdapter, LoraFisher, lora_linear, lora_linear_siblings
 from forgetkern.patching import PatchReport, is_patched, patch, unpatch
 from forgetkern.training.lwf import LwF
+from forgetkern.ops.adamw_ewc import adamw_ewc_
+from forgetkern import optim
 
 __all__ = [
     "__version__",
@@ -66,4 +68,6 @@ __all__ = [
     "LwF",
     "ewc_delta_w",
     "ewc_delta_w_and_grad_",
+    "adamw_ewc_",
+    "optim",
 ]
