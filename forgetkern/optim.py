@@ -47,7 +47,7 @@ from typing import Dict, List, Optional
 import torch
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 
-from forgetkern.ops.adamw_ewc import adamw_ewc_, check_hyper
+from forgetkern.ops.adamw_ewc import _run_unchecked, check_hyper
 from forgetkern.ops.ewc_penalty import ewc_penalty, ewc_penalty_and_grad_
 
 __all__ = ["AdamW"]
@@ -177,13 +177,11 @@ class AdamW(Optimizer):
         beta1, beta2 = (_scalar(b) for b in group["betas"])
         lr = _scalar(group["lr"])
         amsgrad = group["amsgrad"]
-        # (step value, EWC or not) -> lists; tensors of one group usually share the step count
-        buckets: Dict[tuple, List[list]] = {}
-        steps = []
-        members = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return penalty
+        states = []
+        for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("forgetkern.optim.AdamW does not support sparse gradients")
             state = self.state[p]
@@ -196,29 +194,57 @@ class AdamW(Optimizer):
             elif amsgrad and "max_exp_avg_sq" not in state:
                 raise KeyError("forgetkern.optim.AdamW: amsgrad=True but the state of a parameter has no "
                                "'max_exp_avg_sq' (loaded from an amsgrad=False optimizer?)")
-            steps.append(state["step"])
-            members.append((p, state))
-        if not members:
-            return penalty
+            states.append(state)
+        steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
-        for (p, state), st in zip(members, steps):
-            key = (_scalar(st), id(p) in pairs)
-            b = buckets.setdefault(key, [[], [], [], [], [], [], []])
-            b[0].append(p)
-            b[1].append(p.grad)
-            b[2].append(state["exp_avg"])
-            b[3].append(state["exp_avg_sq"])
-            if amsgrad:
-                b[4].append(state["max_exp_avg_sq"])
-            if key[1]:
-                a, f = pairs[id(p)]
-                b[5].append(a)
-                b[6].append(f)
-        for (step, has_ewc), (ps, gs, ms, vs, xs, anchors, fishers) in buckets.items():
-            v = adamw_ewc_(ps, gs, ms, vs, xs if amsgrad else None, anchors=anchors if has_ewc else None,
-                           fishers=fishers if has_ewc else None, lr=lr, beta1=beta1, beta2=beta2,
-                           eps=group["eps"], weight_decay=group["weight_decay"], step=step,
-                           lam=lam if has_ewc else 0.0, amsgrad=amsgrad, maximize=group["maximize"])
+        try:  # one host read for all step counts (they are CPU tensors unless loaded from a fused/capturable run)
+            values = torch.stack(steps).tolist()
+        except RuntimeError:
+            values = [_scalar(s) for s in steps]
+        # (step value, EWC or not) -> lists; the tensors of a group usually share one step count
+        buckets: Dict[tuple, List[int]] = {}
+        for i, (p, v) in enumerate(zip(params, values)):
+            buckets.setdefault((v, id(p) in pairs), []).append(i)
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                     amsgrad=bool(amsgrad), maximize=bool(group["maximize"]))
+        for (step, has_ewc), idx in buckets.items():
+            ps = [params[i] for i in idx]
+            st = [states[i] for i in idx]
+            anchors = [pairs[id(p)][0] for p in ps] if has_ewc else []
+            fishers = [pairs[id(p)][1] for p in ps] if has_ewc else []
+            v = _fused_step(ps, [p.grad for p in ps], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
+                            [s["max_exp_avg_sq"] for s in st] if amsgrad else [], anchors, fishers, step=step,
+                            lam=lam if has_ewc else 0.0, **hyper)
             if has_ewc:
                 penalty = v if penalty is None else penalty + v
         return penalty
+
+
+def _fused_step(ps, gs, ms, vs, xs, anchors, fishers, **kw) -> torch.Tensor:
+    """The op on the optimizer's own lists: checked cheaply here (the op's full checks, overlap included, cost
+    more than the kernel on hundreds of small tensors); non-contiguous tensors go through contiguous copies."""
+    device, n = ps[0].device, len(ps)
+    ok = True
+    for i in range(n):
+        p, g = ps[i], gs[i]
+        if g.dtype != p.dtype or g.shape != p.shape or p.device != device or g.device != device:
+            raise ValueError(f"forgetkern.optim.AdamW: a gradient of dtype {g.dtype}, shape {tuple(g.shape)} on "
+                             f"{g.device} for a parameter of dtype {p.dtype}, shape {tuple(p.shape)} on {p.device}; "
+                             f"all parameters of a step must be on one device, each gradient like its parameter")
+        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise TypeError(f"forgetkern.optim.AdamW: parameters must be float32/bfloat16/float16/float64, got "
+                            f"{p.dtype} (complex parameters are not supported)")
+        ok = ok and p.is_contiguous() and g.is_contiguous() and ms[i].is_contiguous() and vs[i].is_contiguous() \
+            and (not xs or xs[i].is_contiguous()) and (not anchors or (anchors[i].is_contiguous()
+                                                                       and fishers[i].is_contiguous()))
+    if ok:
+        return _run_unchecked(ps, gs, ms, vs, xs, anchors, fishers, **kw)
+    # a strided parameter (e.g. a transposed view registered as a Parameter): step contiguous copies
+    cps, cms, cvs = [p.contiguous() for p in ps], [m.contiguous() for m in ms], [v.contiguous() for v in vs]
+    cxs = [x.contiguous() for x in xs]
+    out = _run_unchecked(cps, [g.contiguous() for g in gs], cms, cvs, cxs, [a.contiguous() for a in anchors],
+                         [f.contiguous() for f in fishers], **kw)
+    for dst, src in zip(ps + ms + vs + xs, cps + cms + cvs + cxs):
+        if dst.data_ptr() != src.data_ptr():
+            dst.copy_(src)
+    return out

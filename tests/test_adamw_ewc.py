@@ -500,3 +500,23 @@ def test_op_bad_inputs():
     with pytest.raises(ValueError, match="not contiguous"):
         adamw_ewc_([params[0].view(1, 5).expand(2, 5).t()], [grads[0].repeat(2).view(5, 2)],
                    [torch.zeros(5, 2)], [torch.zeros(5, 2)], **kw)
+
+
+def test_non_contiguous_parameters_and_mixed_dtypes_in_one_group():
+    torch.manual_seed(12)
+    make = lambda: [torch.nn.Parameter(torch.randn(7, 5).t()), torch.nn.Parameter(torch.randn(9)),
+                    torch.nn.Parameter(torch.randn(4, 3).bfloat16())]
+    ours, theirs = make(), None
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    assert not ours[0].is_contiguous() and not theirs[0].is_contiguous()
+    o1, o2 = forgetkern.optim.AdamW(ours, lr=1e-2), torch.optim.AdamW(theirs, lr=1e-2)
+    gen = torch.Generator().manual_seed(13)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            q.grad = p.grad.clone()
+        o1.step()
+        o2.step()
+    for p, q in zip(ours, theirs):
+        assert p.stride() == q.stride() and p.dtype == q.dtype
+        torch.testing.assert_close(p, q, rtol=0, atol=4 * EPS[p.dtype] * float(q.detach().abs().max()))
