@@ -57,18 +57,18 @@ BYTES = {"forgetkern-fused": 36, "apply+torch-foreach": 48, "apply+torch-fused":
 BYTES_ADAMW = 28
 
 
-def lora_shapes() -> list:
+def lora_shapes(layers: int = LAYERS) -> list:
     out = []
-    for i in range(LAYERS):
+    for i in range(layers):
         for name, fan_in, fan_out in (("q_proj", H, H), ("k_proj", H, KV), ("v_proj", H, KV), ("o_proj", H, H),
                                       ("gate_proj", H, INTER), ("up_proj", H, INTER), ("down_proj", INTER, H)):
             out += [(f"layers.{i}.{name}.lora_A", (R, fan_in)), (f"layers.{i}.{name}.lora_B", (fan_out, R))]
     return out
 
 
-def full_shapes() -> list:
+def full_shapes(layers: int = LAYERS) -> list:
     out = [("embed_tokens", (VOCAB, H))]
-    for i in range(LAYERS):
+    for i in range(layers):
         out += [(f"layers.{i}.{n}", s) for n, s in (
             ("q_proj", (H, H)), ("k_proj", (KV, H)), ("v_proj", (KV, H)), ("o_proj", (H, H)),
             ("gate_proj", (INTER, H)), ("up_proj", (INTER, H)), ("down_proj", (H, INTER)),
@@ -199,6 +199,7 @@ def parse_args(argv=None):
     ap.add_argument("--copy-mb", type=float, default=256, help="buffer size of the copy-bandwidth probe (MiB)")
     ap.add_argument("--out", default=str(bc.RESULTS_DIR), help="output directory (default benchmarks/results)")
     ap.add_argument("--name", default="bench_adamw_ewc", help="output file stem")
+    ap.add_argument("--layers", type=int, default=LAYERS, help="decoder layers (default 30, SmolLM2-135M)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     meta = bc.machine_info("cpu")
-    meta.update({"repeat": args.repeat, "budget_s": args.budget_s, "threads_requested": args.threads,
+    meta.update({"layers": args.layers, "repeat": args.repeat, "budget_s": args.budget_s, "threads_requested": args.threads,
                  "lam": 0.5, "lr": 1e-4, "weight_decay": 0.01, "dtype": "float32"})
     res = bc.Results(args.name, meta)
     bc.print_header("forgetkern.optim.AdamW(ewc=...) vs EWC.apply_ + torch.optim.AdamW", meta)
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
     for name in [s.strip() for s in args.lists.split(",") if s.strip()]:
         if name not in lists:
             raise SystemExit(f"--lists: unknown list {name!r}; expected lora and/or full")
-        run_list(res, name, lists[name](), args)
+        run_list(res, name, lists[name](args.layers), args)
     meta["load_avg_end"] = list(__import__("os").getloadavg())
     meta["wall_s"] = round(time.perf_counter() - T0, 1)
     res.notes.append("threads: torch.set_num_threads(%d) (OpenMP of the forgetkern kernels and torch alike); the "

@@ -389,7 +389,7 @@ def _run(backend, lists, *, amsgrad, ewc, maximize=False, lr=1e-2, step=3.0):
 _CASES = [("cpp", sizes, dt, st) for sizes in ["empty", "seven", "65537", "520-tensors", "shapes"]
           for dt, st in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                          (torch.float16, torch.float32), (torch.float64, torch.float64)]]
-_CASES += [("triton", "seven", torch.float64, torch.float64), ("triton", "shapes", torch.bfloat16, torch.bfloat16),
+_CASES += [("triton", "seven", torch.float64, torch.float64), ("triton", "small-shapes", torch.bfloat16, torch.bfloat16),
            ("triton", "12-tensors", torch.float16, torch.float32),
            ("triton", "16385", torch.float32, torch.bfloat16)]  # two chunks of 16384, a masked tail
 
@@ -397,7 +397,8 @@ _CASES += [("triton", "seven", torch.float64, torch.float64), ("triton", "shapes
 @pytest.mark.parametrize("backend,sizes,dtype,state_dtype",
                          [pytest.param(*c, marks=_SKIP[c[0]], id=f"{c[0]}-{c[1]}-{c[2]}-{c[3]}") for c in _CASES])
 def test_backends_equal_reference(backend, sizes, dtype, state_dtype):
-    shapes = SIZES[sizes] if sizes in SIZES else [16385] if sizes == "16385" else SIZES["520-tensors"][:12]
+    shapes = SIZES[sizes] if sizes in SIZES else {"16385": [16385], "small-shapes": [(3, 5), (0, 4), (33, 65), (2, 3, 4)],
+                                                  "12-tensors": SIZES["520-tensors"][:12]}[sizes]
     lists = _op_lists(shapes, dtype, state_dtype)
     for amsgrad, ewc, maximize in ((False, False, False), (True, True, True)):
         want = _run("torch", lists, amsgrad=amsgrad, ewc=ewc, maximize=maximize)
@@ -520,3 +521,44 @@ def test_non_contiguous_parameters_and_mixed_dtypes_in_one_group():
     for p, q in zip(ours, theirs):
         assert p.stride() == q.stride() and p.dtype == q.dtype
         torch.testing.assert_close(p, q, rtol=0, atol=4 * EPS[p.dtype] * float(q.detach().abs().max()))
+
+
+@pytest.mark.skipif(_SKIP["triton"] != [], reason="needs triton and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("ewc,amsgrad", [(True, True), (False, False)])
+def test_triton_moves_each_byte_once(ewc, amsgrad):
+    """Counted in the interpreter: p, g, m, v (vmax, p*, F) read once, p, m, v (vmax) written once, one
+    workspace slot per program; the chunk-table rows (72 bytes per program) are the only extra."""
+    from forgetkern.testing.bytes_moved import count_bytes
+    from forgetkern.triton import adamw_ewc as tri
+
+    sizes = [20_000, 768, 7, 16_385, 0, 3_000, 1]
+    lists = _op_lists(sizes, torch.float32, torch.bfloat16, seed=14)
+    params, grads, ms, vs, xs, anchors, fishers = lists
+    with count_bytes() as moved:
+        tri.adamw_ewc_(params, grads, ms, vs, xs if amsgrad else [], anchors if ewc else [],
+                       fishers if ewc else [], 1e-3, 0.9, 0.999, 1e-8, 0.01, 2.0, 0.5, amsgrad, False)
+    n, programs = sum(sizes), sum(-(-k // tri.CHUNK) for k in sizes)
+    fp32_lists_read = 4 + amsgrad
+    minimum = n * (4 * fp32_lists_read + (2 + 2 if ewc else 0) + 4 * (3 + amsgrad)) + (programs * 4 if ewc else 0)
+    assert moved.launches == ["adamw_ewc_kernel"]
+    assert minimum <= moved.total <= minimum + programs * 72, (moved.total, minimum)
+
+
+def test_benchmark_tiny_run_writes_expected_rows(tmp_path):
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, str(root / "benchmarks" / "bench_adamw_ewc.py"), "--lists", "lora", "--layers", "2",
+           "--repeat", "1", "--copy-mb", "8", "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "bench_adamw_ewc.csv", newline="") as f:
+        keys = {(r["provider"], r["mode"], r["metric"]) for r in csv.DictReader(f)}
+    for prov in ("forgetkern-fused", "apply+torch-foreach", "apply+torch-fused", "apply+torch-forloop"):
+        assert {(prov, "lora/ewc", m) for m in ("time", "bandwidth", "copy_bw_frac")} <= keys
+    for m in ("speedup_vs_foreach", "speedup_vs_fused", "speedup_vs_forloop"):
+        assert ("forgetkern-fused", "lora/ewc", m) in keys
+    assert ("torch-fused", "lora/adamw", "time") in keys and ("torch-copy_", "lora/ewc", "bandwidth") in keys
