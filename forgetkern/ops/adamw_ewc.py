@@ -41,7 +41,7 @@ def _adamw_ewc_op(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avg
                   anchors: List[torch.Tensor], fishers: List[torch.Tensor], lr: float, beta1: float, beta2: float,
                   eps: float, weight_decay: float, step: float, lam: float, amsgrad: bool,
                   maximize: bool) -> torch.Tensor:
-    backend = _backend.resolve(OP, params[0].device)
+    backend = _backend.resolve(OP, params[0].device, supported=_supported(params[0].device))
     fn = _backend.kernel("adamw_ewc", "adamw_ewc_", backend)
     return fn(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, fishers, lr, beta1, beta2, eps,
               weight_decay, step, lam, amsgrad, maximize)
@@ -51,6 +51,15 @@ def _adamw_ewc_op(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avg
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, fishers, lr, beta1, beta2, eps,
       weight_decay, step, lam, amsgrad, maximize):
     return params[0].new_empty((), dtype=_result_dtype(params))
+
+
+def _supported(device: torch.device) -> tuple:
+    """The backends with this op: a CUDA extension built from older sources lacks the kernel."""
+    from forgetkern import _ext
+
+    if device.type == "cuda" and not hasattr(_ext.cuda_ops(), "adamw_ewc_"):
+        return ("torch", "triton")
+    return _backend.SUPPORTED_BY_OP["adamw_ewc"]
 
 
 def _result_dtype(params) -> torch.dtype:
@@ -93,7 +102,7 @@ def _run_unchecked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchor
     if torch.compiler.is_compiling():
         return _adamw_ewc_op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, fishers, lr, beta1,
                              beta2, eps, weight_decay, step, lam, amsgrad, maximize)
-    backend = _backend.resolve(OP, params[0].device)
+    backend = _backend.resolve(OP, params[0].device, supported=_supported(params[0].device))
     fn = _backend.kernel("adamw_ewc", "adamw_ewc_", backend)
     out = fn(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, fishers, lr, beta1, beta2, eps,
              weight_decay, step, lam, amsgrad, maximize)

@@ -36,9 +36,9 @@ struct AdamwCoefficients {
   bool lerp_small;
 };
 
+#if !defined(__CUDA_ARCH__)
 inline AdamwCoefficients adamw_coefficients(double lr, double beta1, double beta2, double eps,
                                             double weight_decay, double step, double lam, bool maximize) {
-#if !defined(__CUDA_ARCH__)
   AdamwCoefficients c;
   c.decay = 1.0 - lr * weight_decay;
   c.w = 1.0 - beta1;
@@ -54,8 +54,8 @@ inline AdamwCoefficients adamw_coefficients(double lr, double beta1, double beta
   c.sign = maximize ? -1.0 : 1.0;
   c.lerp_small = false;
   return c;
-#endif
 }
+#endif
 
 template <typename C>
 struct AdamwCoef {
