@@ -545,16 +545,22 @@ def test_triton_moves_each_byte_once(ewc, amsgrad):
 
 
 def test_benchmark_tiny_run_writes_expected_rows(tmp_path):
+    """benchmarks/bench_adamw_ewc.py end to end on a 2-layer LoRA list (in this process: no second torch
+    import)."""
     import csv
-    import subprocess
-    import sys
+    import importlib.util
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, str(root / "benchmarks" / "bench_adamw_ewc.py"), "--lists", "lora", "--layers", "2",
-           "--repeat", "1", "--copy-mb", "8", "--threads", "1", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_adamw_ewc.py"
+    spec = importlib.util.spec_from_file_location("bench_adamw_ewc", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--lists", "lora", "--layers", "2", "--repeat", "1", "--copy-mb", "8", "--threads", "1",
+                           "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     with open(tmp_path / "bench_adamw_ewc.csv", newline="") as f:
         keys = {(r["provider"], r["mode"], r["metric"]) for r in csv.DictReader(f)}
     for prov in ("forgetkern-fused", "apply+torch-foreach", "apply+torch-fused", "apply+torch-forloop"):
