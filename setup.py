@@ -148,13 +148,14 @@ def sources(pattern: str) -> list:
 
 # -ffp-contract=off: no FMA contraction, every multiply/add rounds as written (same results as the CUDA kernels
 # and the PyTorch reference). -fno-trapping-math: lets gcc if-convert (select) the branch-free element code so
-# the loops vectorise; it changes no result. No -march: portable binaries; the CPU kernels also exist as
+# the loops vectorise; it changes no result. -fno-math-errno: sqrt never sets errno, so it vectorises (sqrtps);
+# it changes no result. No -march: portable binaries; the CPU kernels also exist as
 # AVX2 / AVX-512 versions (GCC target attributes) chosen at run time, see csrc/cpu/cpu_isa.h.
 # C++20: the torch headers require it (the .cu files include no torch header and stay C++17).
 # -g0 (unless FORGETKERN_DEBUG=1) drops the -g of Python's default CFLAGS: ~25% less compile time, 20x smaller
 # objects.
 DEBUG = os.environ.get("FORGETKERN_DEBUG", "0") not in ("", "0")
-CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-trapping-math", "-fvisibility=hidden",
+CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fvisibility=hidden",
              "-g" if DEBUG else "-g0"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "-DFK_CUDA", "--threads", os.environ.get("NVCC_THREADS", "2"),
               "-Xcompiler", "-fvisibility=hidden"] + (["-lineinfo"] if DEBUG else [])

@@ -12,6 +12,10 @@ EWC penalty + gradient (``grads += lam * F * (theta - theta*)``, penalty ``lam/2
 * ``avalanche-loop``: Avalanche's ``EWCPlugin`` formulation, a Python loop over ``named_parameters()`` adding
   ``(F * (p - p_star).pow(2)).sum()`` (no 1/2: ``ewc_lambda = lam / 2``), then autograd ``backward()``
   accumulating into the existing ``p.grad``;
+* ``avalanche-ewcplugin``: Avalanche EWCPlugin, re-implemented from avalanche-lib 0.6.0 source
+  (``benchmarks/_avalanche_ewc.py``: ``EWCPlugin.before_backward`` in ``mode="separate"`` with its
+  ``ParamData`` objects and their ``expand`` per step, then ``loss.backward()``); ``avalanche-loop`` is the same
+  formulation with plain tensors;
 * ``torch-foreach``: ``d = _foreach_sub(P, A)``; ``_foreach_addcmul_(G, F, d, value=lam)``;
   ``_foreach_mul_(d, d)``; ``_foreach_mul_(d, F)``; penalty = ``lam/2 * stack([d_i.sum()]).sum()``: one
   temporary list and 13 x 4 bytes of traffic per element (the fused op needs 5). Reducing with ``torch.dot``
@@ -48,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+import _avalanche_ewc  # noqa: E402
 import _common as bc  # noqa: E402
 import forgetkern  # noqa: E402
 from forgetkern import _backend  # noqa: E402
@@ -58,9 +63,11 @@ GOALS = {"speedup_vs_avalanche": 4.0, "speedup_vs_foreach": 1.5, "copy_bw_frac":
 EPS32 = 2.0**-23
 T0 = time.perf_counter()
 SUMMARY = [("time ms [p20, p80]", "time"), ("GB/s", "bandwidth"), ("copy frac", "copy_bw_frac"),
-           ("x avalanche", "speedup_vs_avalanche"), ("x loop", "speedup_vs_loop"),
+           ("x avalanche", "speedup_vs_avalanche"), ("x plugin", "speedup_vs_avalanche_plugin"),
+           ("x loop", "speedup_vs_loop"),
            ("x foreach", "speedup_vs_foreach")]
-NOTES = {"forgetkern-torch": "pure-PyTorch reference fallback"}
+NOTES = {"forgetkern-torch": "pure-PyTorch reference fallback",
+         "avalanche-ewcplugin": "Avalanche EWCPlugin, re-implemented from avalanche-lib 0.6.0 source"}
 MEMORY_COLUMNS = {"cuda": [("peak MB", "peak_mem:cuda_alloc")],
                   "cpu": [("peak MB", "peak_mem:torch_alloc"), ("RSS+ MB", "peak_mem:rss_hwm")]}
 
@@ -264,14 +271,16 @@ def bench_ewc(res, args, device, names, state, backends, probe, size):
     keys = [k for k, _ in model.named_parameters()]
     saved, imp = dict(zip(keys, anchors)), dict(zip(keys, fishers))
     mode = "fp32-state"
+    plugin = _avalanche_ewc.make_plugin(model, anchors, fishers, ewc_lambda)
     providers = [("avalanche-loop", lambda: avalanche_step(model, saved, imp, ewc_lambda, device)),
+                 ("avalanche-ewcplugin", lambda: _avalanche_ewc.plugin_step(plugin, model, device)),
                  ("torch-foreach", lambda: foreach_step(params, anchors, fishers, grads, lam))]
     providers += [(f"forgetkern-{b}", (lambda b=b: fused_step(b, params, anchors, fishers, grads, lam)))
                   for b in backends]
     for name, fn in providers:                             # verify everything before timing anything
         restore(grads, g0)
         pen = fn()
-        if name == "avalanche-loop":
+        if name.startswith("avalanche-"):
             assert all(p.grad is g for p, g in zip(model.parameters(), grads)), "grads were not accumulated in place"
         check_ewc(name, pen, grads, ref)
     print(f"   verified {len(providers)} EWC providers against the reference (penalty {ref[0]:.6g}; "
@@ -285,9 +294,11 @@ def bench_ewc(res, args, device, names, state, backends, probe, size):
               GOALS["speedup_vs_avalanche"] if native else None, note)
         ratio(res, EWC, mode, prov, "torch-foreach", "speedup_vs_foreach", size,
               GOALS["speedup_vs_foreach"] if native else None, note)
+        ratio(res, EWC, mode, prov, "avalanche-ewcplugin", "speedup_vs_avalanche_plugin", size, None,
+              note or "time(Avalanche EWCPlugin, re-implemented from avalanche-lib 0.6.0 source) / time")
         if native:
             res.get(EWC, prov, mode, "copy_bw_frac", size).set_goal(GOALS["copy_bw_frac"])
-    del model, saved, imp, providers, ref
+    del model, saved, imp, providers, ref, plugin
     gc.collect()
 
     # bf16 state: anchors and Fisher stored in bfloat16 (fused op only), checked against the upcast values.

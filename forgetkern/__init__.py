@@ -41,6 +41,8 @@ from forgetkern.ops.lora_linear import LoraAdapter, LoraFisher, lora_linear, lor
 from forgetkern.projection import GPM, OLoRA, OPLoRA
 from forgetkern.patching import PatchReport, is_patched, patch, unpatch
 from forgetkern.training.lwf import LwF
+from forgetkern.ops.adamw_ewc import adamw_ewc_
+from forgetkern import optim
 
 __all__ = [
     "__version__",
@@ -69,9 +71,14 @@ __all__ = [
     "LwF",
     "ewc_delta_w",
     "ewc_delta_w_and_grad_",
+<<<<<<< HEAD
     "olora_loss",
     "project_out_",
     "OLoRA",
     "OPLoRA",
     "GPM",
+=======
+    "adamw_ewc_",
+    "optim",
+>>>>>>> optim
 ]

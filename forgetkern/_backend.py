@@ -111,7 +111,8 @@ def triton_available() -> bool:
 # The C++ kernels of ``torch.ops.forgetkern_cpu`` each op's cpp backend needs, for ops newer than the first
 # extension (an extension built from older sources lacks them: the cpp backend is then unavailable for the op,
 # with the reason). lora_linear's cpp backend is Python (forgetkern/cpu/lora_linear.py) calling these kernels.
-CPP_KERNELS = {"lora_linear": ("lora_dropout", "lora_dropout_add_"), "ewc_delta_w": ("ewc_delta_w",)}
+CPP_KERNELS = {"lora_linear": ("lora_dropout", "lora_dropout_add_"), "ewc_delta_w": ("ewc_delta_w",),
+               "adamw_ewc": ("adamw_ewc_",)}
 
 
 def _cpp_kernels_missing(op: str) -> Optional[str]:
