@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Validate forgetkern on a machine with a CUDA GPU: set up the dev environment (scripts/dev_setup.sh, CUDA
 # extension included), print the backend table, then run the op tests with every backend on CUDA tensors
-# (torch, cuda, triton compiled for the GPU) besides the CPU ones. Without a GPU the test run would be the
-# ordinary CPU/interpreter one, so the script refuses instead.
+# (torch, cuda, triton compiled for the GPU) besides the CPU ones, and time lora_linear per backend (the numbers
+# behind `auto`'s choice of triton over cuda for that op). Without a GPU the test run would be the ordinary
+# CPU/interpreter one, so the script refuses instead.
 #
 #   bash scripts/gpu_validate.sh                 # setup + tests, about 10 minutes on a 16-core machine
 #   SKIP_SETUP=1 bash scripts/gpu_validate.sh    # environment already set up: tests only
@@ -77,6 +78,34 @@ for c in cases:
         "skipped" if c.find("skipped") is not None else "passed"
     on_gpu[kind] += 1
 print("tests on CUDA tensors:", ", ".join(f"{v} {k}" for k, v in on_gpu.items()))
+EOF
+echo "== lora_linear on the GPU: fwd+bwd per backend (median of CUDA-event timings) =="
+env -u TRITON_INTERPRET -u FORGETKERN_BACKEND timeout 120 "$PY" - <<'EOF' || echo "(timing failed or timed out)"
+import torch, forgetkern
+from forgetkern.ops.lora_linear import LoraAdapter, lora_linear
+torch.manual_seed(0)
+dev, dt = "cuda", torch.bfloat16
+for m, k, n, p in ((4096, 4096, 4096, 0.0), (4096, 4096, 4096, 0.1), (4096, 4096, 11008, 0.1)):
+    x = torch.randn(m, k, device=dev, dtype=dt, requires_grad=True)
+    w = torch.randn(n, k, device=dev, dtype=dt) / k ** 0.5
+    a = (torch.randn(16, k, device=dev, dtype=dt) / k ** 0.5).requires_grad_()
+    b = (torch.randn(n, 16, device=dev, dtype=dt) / 4).requires_grad_()
+    ad, g, row = [LoraAdapter(a, b, 2.0, p)], torch.randn(m, n, device=dev, dtype=dt), []
+    for backend in ("torch", "cuda", "triton"):
+        try:
+            with forgetkern.use_backend(backend):
+                times = []
+                for i in range(12):
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    lora_linear(x, w, None, ad, training=True, seed=i).backward(g)
+                    e.record()
+                    torch.cuda.synchronize()
+                    times.append(s.elapsed_time(e))
+            row.append(f"{backend} {sorted(times[2:])[len(times[2:]) // 2]:.3f} ms")
+        except Exception as exc:  # report, keep going
+            row.append(f"{backend} failed: {type(exc).__name__}: {str(exc)[:80]}")
+    print(f"bf16 M={m} K={k} N={n} r=16 p={p}: " + " | ".join(row))
 EOF
 echo "== backend table after the run =="
 "$VENV/bin/forgetkern" env
