@@ -201,11 +201,12 @@ def _host_glue():
 
 
 # (dtype, M, K, outs per layer, ranks, dropout_p, layer of each adapter, bias): dropout and plain adapters mixed,
-# siblings, a rank above one shrink item (70 > 64), more adapters than one launch holds (20 > 16), a rank-0
-# adapter and an empty batch
+# siblings, a rank above one shrink item (70 > 64), adjacent adapters without dropout sharing shrink items,
+# more adapters than one launch holds (20 > 16), rank-0 adapters and an empty batch
 GLUE_CASES = {
     "mixed": ((37, 45), [29], [5, 20], [0.3, 0.0], [0, 0], True),
     "siblings-rank70": ((300, 33), [40, 17], [8, 70, 3], [0.5, 0.0, 0.2], [0, 1, 0], False),
+    "plain-run-siblings": ((40, 24), [10, 13], [4, 0, 70, 8], [0.0] * 4, [0, 0, 1, 1], True),  # one x read: 82 ranks
     "empty-batch": ((0, 12), [6], [3], [0.3], [0], True),
     "rank0": ((9, 20), [12], [0, 4], [0.5, 0.0], [0, 0], True),
     "20-adapters": ((70, 16), [8], [1] * 20, [0.1 * (i % 3) for i in range(20)], [0] * 20, True),

@@ -153,10 +153,21 @@ std::tuple<std::vector<Tensor>, Tensor> lora_linear_fwd(
   const int64_t m = x.size(0), n_ad = static_cast<int64_t>(lora_a.size());
   const std::vector<int64_t> offs = offsets(lora_a);
   Tensor xa = at::empty({m, offs[n_ad]}, x.options());
-  {  // shrink: xa = [drop_1(x) A_1^T | ...], every adapter in one launch (A_k (j, c) at j K + c)
+  {  // shrink: xa = [drop_1(x) A_1^T | ...], every adapter in one launch (A_k (j, c) at j K + c). Adjacent
+     // adapters without dropout read the same x: one item (up to 64 ranks) serves them all, x read once,
+     // from their A's concatenated (a rank-sized copy); an adapter with dropout reads its own drop_k(x).
+    std::vector<Tensor> keep;  // the concatenations live until the launch
     ShrinkBatch sb(m, xa, x);
-    for (int64_t k = 0; k < n_ad; ++k)
-      sb.add(x, lora_a[k], lora_a[k].stride(0), lora_a[k].stride(1), lora_a[k].size(0), offs[k], 1.0, drop(dropout_p[k], keys[k]));
+    for (int64_t k = 0; k < n_ad;) {
+      int64_t hi = k + 1;
+      if (dropout_p[k] <= 0)
+        while (hi < n_ad && dropout_p[hi] <= 0) ++hi;
+      const Tensor a = hi - k == 1 ? lora_a[k]
+                                   : at::cat(std::vector<Tensor>(lora_a.begin() + k, lora_a.begin() + hi), 0);
+      if (hi - k > 1) keep.push_back(a);
+      sb.add(x, a, a.stride(0), a.stride(1), offs[hi] - offs[k], offs[k], 1.0, drop(dropout_p[k], keys[k]));
+      k = hi;
+    }
     sb.flush();
   }
   std::vector<Tensor> ys;
