@@ -160,8 +160,10 @@ def _availability(device_type: str, op: Optional[str], interpreting: bool) -> Ma
 
 
 _AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
-# Ops whose fastest CUDA implementation is the Triton one (pipelined tiles, wgmma on sm_90) rather than the
-# CUDA C++ one, which is kept as the toolchain-free alternative.
+# Ops whose preferred CUDA implementation is the Triton one rather than the CUDA C++ one. lora_linear: Triton
+# fuses the frozen GEMM and the LoRA branch in one pass (pipelined tiles, wgmma on sm_90), so y is written once;
+# the CUDA C++ backend (cuBLAS for the frozen GEMM, then rank-r shrink/expand kernels that update y in place, the
+# punica / S-LoRA design) reads and writes y once more. It needs no Triton and no JIT, and stays selectable.
 _AUTO_ORDER_BY_OP = {"lora_linear": {"cuda": ("triton", "cuda", "torch")}}
 # The backends that implement each op: filled by the op's :class:`Kernels` when its module is imported.
 SUPPORTED_BY_OP: dict = {}

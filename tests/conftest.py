@@ -1,8 +1,13 @@
-# Triton kernels run on CPU tensors in the interpreter. The variable must be set before any Triton kernel is
-# defined (imported), so it is set here, before pytest imports the test modules.
+# Without a GPU, Triton kernels run on CPU tensors in the interpreter; with one, they are compiled and run on
+# CUDA tensors (tests/_helpers.py backend_devices), so the interpreter is switched on only when there is no GPU.
+# The variable must be set before any Triton kernel is defined (imported), so it is set here, before pytest
+# imports the test modules. FORGETKERN_TEST_INTERPRET=1 forces the interpreter even with a GPU.
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available() or os.environ.get("FORGETKERN_TEST_INTERPRET", "0") not in ("", "0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):

@@ -3,6 +3,10 @@
 * Every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 (-Xptxas -v), and ptxas reports 0 bytes of
   spill stores and spill loads for every function on both archs; the registers per kernel are recorded (printed
   with -s, and as junit properties).
+* The CUDA LoRA backend (csrc/cuda/lora_linear.cu) holds only the rank-r kernels (shrink, expand, dropout dA):
+  no tensor-core GEMM of its own (the frozen GEMM is cuBLAS's), no local memory, in the SASS of both archs.
+* Its torch glue (csrc/cuda/lora_linear.cpp) built for the host against host versions of those kernels
+  (tests/csrc/lora_linear_host.cpp) matches the reference op within the suite's earned tolerance.
 * forgetkern._cuda imports without a GPU, and the build metadata says CUDA when the extension exists.
 * forgetkern._ext refuses extensions built against another torch / CUDA, with one actionable warning.
 """
@@ -144,6 +148,115 @@ def test_cu_compiles_without_spills(cu, nvcc_tmp, record_property):
         print(f"  {regs:4d} regs  {arch}  {name}")
         record_property(f"{cu.name}:{arch}:{name}", regs)
     assert not spills, "register spills:\n" + "\n".join(spills)
+
+
+
+# ---- the CUDA LoRA backend: rank-r kernels only, and its glue checked on the host ---------------------------
+
+LORA_KERNELS = {"lora_shrink_kernel", "lora_expand_kernel", "lora_drop_tgemm_kernel"}
+
+
+def _cuobjdump():
+    cands = [os.path.join(os.path.dirname(NVCC), "cuobjdump")] if NVCC else []
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:  # Triton's wheel carries one
+        cands.append(os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "cuobjdump"))
+    return next((c for c in cands if os.path.isfile(c)), None) or shutil.which("cuobjdump")
+
+
+@needs_nvcc
+def test_lora_cu_is_rank_r_kernels_only(nvcc_tmp):
+    """punica / S-LoRA design: the big GEMMs go to cuBLAS, so the .cu has the three rank-r kernels (x 3 dtypes),
+    no HMMA/HGMMA (no hand-written tensor-core GEMM), and no local-memory traffic (LDL/STL) on sm_80 and sm_90."""
+    cu = ROOT / "csrc" / "cuda" / "lora_linear.cu"
+    rc, out, cmd = compile_cu(str(cu), nvcc_tmp)
+    assert rc == 0, out[-4000:]
+    kernels = [r for r in parse_ptxas(out) if r["kernel"]]
+    names = {n for n in LORA_KERNELS for r in kernels if n in r["function"]}
+    assert names == LORA_KERNELS and len(kernels) == 3 * 3 * len(ARCHS), [r["function"] for r in kernels]
+    assert all(r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0 for r in kernels)
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found")
+    sass = subprocess.run([tool, "-sass", os.path.join(nvcc_tmp, "lora_linear.o")], capture_output=True,
+                          text=True)
+    assert sass.returncode == 0, sass.stderr[-2000:]
+    for arch in ARCHS:
+        assert arch in sass.stdout
+    assert "FFMA" in sass.stdout
+    for op in ("HMMA", "HGMMA", "LDL", "STL"):
+        assert not re.search(rf"\b{op}\b", sass.stdout), op
+
+
+@functools.lru_cache(maxsize=None)
+def _host_glue():
+    """csrc/cuda/lora_linear.cpp + tests/csrc/lora_linear_host.cpp as a CPU extension (ops in
+    torch.ops.forgetkern_cuda_host); the build is cached by torch.utils.cpp_extension across runs."""
+    from torch.utils.cpp_extension import load
+
+    load(name="forgetkern_lora_host_glue", is_python_module=False,
+         sources=[str(ROOT / "csrc" / "cuda" / "lora_linear.cpp"), str(ROOT / "tests" / "csrc" / "lora_linear_host.cpp")],
+         extra_cflags=["-O1", "-std=c++20", "-DFK_LORA_HOST_GLUE"], extra_include_paths=[str(ROOT / "csrc" / "include")])
+    return torch.ops.forgetkern_cuda_host
+
+
+# (dtype, M, K, outs per layer, ranks, dropout_p, layer of each adapter, bias): dropout and plain adapters mixed,
+# siblings, a rank above one shrink item (70 > 64), adjacent adapters without dropout sharing shrink items,
+# more adapters than one launch holds (20 > 16), rank-0 adapters and an empty batch
+GLUE_CASES = {
+    "mixed": ((37, 45), [29], [5, 20], [0.3, 0.0], [0, 0], True),
+    "siblings-rank70": ((300, 33), [40, 17], [8, 70, 3], [0.5, 0.0, 0.2], [0, 1, 0], False),
+    "plain-run-siblings": ((40, 24), [10, 13], [4, 0, 70, 8], [0.0] * 4, [0, 0, 1, 1], True),  # one x read: 82 ranks
+    "empty-batch": ((0, 12), [6], [3], [0.3], [0], True),
+    "rank0": ((9, 20), [12], [0, 4], [0.5, 0.0], [0, 0], True),
+    "20-adapters": ((70, 16), [8], [1] * 20, [0.1 * (i % 3) for i in range(20)], [0] * 20, True),
+}
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None,
+                    reason="no C++ compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_lora_cuda_glue_on_host_matches_reference(dtype):
+    """Every output of lora_linear_fwd / _bwd of the CUDA backend's glue (cuBLAS calls through ATen + the
+    kernels' launch descriptions, run by host versions of the kernels) against the fp64 oracle, within twice the
+    reference backend's own error plus one ulp (tests/test_lora_linear.py's tolerance)."""
+    from forgetkern.reference import lora_linear as ref
+
+    ops = _host_glue()
+    eps = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+    for name, ((m, k), ns, ranks, ps, layer, bias) in GLUE_CASES.items():
+        g = torch.Generator().manual_seed(0)
+
+        def t(*shape, sc=1.0):
+            return (torch.randn(*shape, generator=g, dtype=torch.float64) * sc).to(dtype)
+
+        x, ws = t(m, k), [t(n, k, sc=k ** -0.5) for n in ns]
+        bs, bl = ([t(n) for n in ns], list(range(len(ns)))) if bias else ([], [])
+        a = [t(r, k, sc=k ** -0.5) for r in ranks]
+        b = [t(ns[layer[i]], r, sc=max(r, 1) ** -0.5) for i, r in enumerate(ranks)]
+        sc, keys = [0.5 + 0.25 * i for i in range(len(ranks))], ref.dropout_keys(7, len(ranks))
+        dys = [t(m, n) for n in ns]
+
+        def run(f, up=False):
+            cv = (lambda v: [u.double() for u in v]) if up else (lambda v: v)
+            xx = x.double() if up else x
+            ys, xa = f.lora_linear_fwd(xx, cv(ws), cv(bs), bl, cv(a), cv(b), layer, sc, ps, keys)
+            xa_in = xa_ref.double() if up else xa_ref
+            dx, da, db = f.lora_linear_bwd(cv(dys), xx, cv(ws), cv(a), cv(b), xa_in, layer, sc, ps, keys,
+                                           True, True, True)
+            return list(ys) + [xa, dx] + list(da) + list(db)
+
+        xa_ref = ref.lora_linear_fwd(x, ws, bs, bl, a, b, layer, sc, ps, keys)[1]
+        got, plain, want = run(ops), run(ref), run(ref, up=True)
+        assert len(got) == len(want)
+        for i, (gt, pl, wt) in enumerate(zip(got, plain, want)):
+            assert gt.dtype == pl.dtype and gt.shape == wt.shape, (name, i)
+            if wt.numel() == 0:
+                continue
+            err = (gt.double() - wt).abs().max().item()
+            base = (pl.double() - wt).abs().max().item()
+            tol = 2 * base + eps * wt.abs().max().item() + 1e-300
+            assert err <= tol, f"{name} output {i}: error {err:.3e} > {tol:.3e} (reference {base:.3e})"
 
 
 # ---- host-side multi-tensor packing (csrc/include/forgetkern/multi_tensor.h), checked without a GPU ----------

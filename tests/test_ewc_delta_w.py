@@ -16,16 +16,13 @@ import torch
 
 import forgetkern
 from forgetkern import _backend
-from tests._helpers import EPS, backends
+from tests._helpers import EPS, backend_devices, to_cpu, to_dev
 
 LAM = 0.7
 
 
 def _backends():
-    supported = _backend.SUPPORTED_BY_OP["ewc_delta_w"]
-    return [p if p.values[0] in supported else
-            pytest.param(p.values[0], marks=pytest.mark.skip(reason="not implemented for ewc_delta_w"),
-                         id=p.values[0]) for p in backends()]
+    return backend_devices(_backend.SUPPORTED_BY_OP["ewc_delta_w"], op="ewc_delta_w")
 
 
 BACKENDS = _backends()
@@ -76,13 +73,15 @@ def _check_grad(got, old, step, mag, k, r, dtype, what):
                              f"{got.double()[bad][:3].tolist()} want {want[bad][:3].tolist()}")
 
 
-def _run_and_check(backend, shapes, dtype, f_dtype, seed=0):
+def _run_and_check(backend, device, shapes, dtype, f_dtype, seed=0):
     lora_a, lora_b, fishers, grads_a, grads_b, scaling = _layers(shapes, dtype, f_dtype, seed)
     old_a, old_b = [g.clone() for g in grads_a], [g.clone() for g in grads_b]
     pen, pen_mag, want = _oracle(lora_a, lora_b, fishers, scaling, LAM)
+    lora_a, lora_b, fishers, grads_a, grads_b = to_dev((lora_a, lora_b, fishers, grads_a, grads_b), device)
     with forgetkern.use_backend(backend):
         got = forgetkern.ewc_delta_w_and_grad_(lora_a, lora_b, fishers, scaling=scaling, lam=LAM,
                                                grads_a=grads_a, grads_b=grads_b)
+    got, grads_a, grads_b = to_cpu((got, grads_a, grads_b))
     assert got.dim() == 0 and got.dtype == _acc(dtype)
     n = sum(o * i for o, i, _ in shapes)
     rmax = max([r for *_, r in shapes] + [0])
@@ -98,10 +97,10 @@ DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torc
           (torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float64, torch.float64)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype,f_dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_matches_oracle_per_dtype(backend, dtype, f_dtype):
-    _run_and_check(backend, MIXED, dtype, f_dtype)
+def test_matches_oracle_per_dtype(backend, device, dtype, f_dtype):
+    _run_and_check(backend, device, MIXED, dtype, f_dtype)
 
 
 SHAPES = {
@@ -112,26 +111,27 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("shapes", list(SHAPES), ids=str)
-def test_matches_oracle_per_shape(backend, shapes):
-    _run_and_check(backend, SHAPES[shapes], torch.float32, torch.float32, seed=1)
+def test_matches_oracle_per_shape(backend, device, shapes):
+    _run_and_check(backend, device, SHAPES[shapes], torch.float32, torch.float32, seed=1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_lists_and_zero_rank(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_empty_lists_and_zero_rank(backend, device):
     with forgetkern.use_backend(backend):
         out = forgetkern.ewc_delta_w_and_grad_([], [], [], scaling=1.0, lam=1.0, grads_a=[], grads_b=[])
         assert out.item() == 0.0 and out.dtype == torch.float32
-        a, b, f = torch.zeros(0, 4), torch.zeros(3, 0), torch.ones(3, 4)
-        ga, gb = torch.zeros(0, 4), torch.zeros(3, 0)
+        a, b, f = to_dev((torch.zeros(0, 4), torch.zeros(3, 0), torch.ones(3, 4)), device)
+        ga, gb = to_dev((torch.zeros(0, 4), torch.zeros(3, 0)), device)
         out = forgetkern.ewc_delta_w_and_grad_([a], [b], [f], scaling=2.0, lam=1.0, grads_a=[ga], grads_b=[gb])
         assert out.item() == 0.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_inputs(backend):
-    lora_a, lora_b, fishers, grads_a, grads_b, scaling = _layers(MIXED, torch.float32, torch.float32, seed=2)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_contiguous_inputs(backend, device):
+    lora_a, lora_b, fishers, grads_a, grads_b, scaling = to_dev(_layers(MIXED, torch.float32, torch.float32, seed=2),
+                                                                device)
     views_a = [a.t().contiguous().t() for a in lora_a]                # transposed storage
     views_b = [torch.stack([b, b], -1)[..., 0] for b in lora_b]        # every other element
     views_f = [f.t().contiguous().t() for f in fishers]
@@ -146,10 +146,11 @@ def test_non_contiguous_inputs(backend):
     assert all(torch.equal(x, y) for x, y in zip(g1a + g1b, grads_a + grads_b))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_deterministic(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_deterministic(backend, device):
     """Bitwise the same run to run and for any number of threads."""
-    lora_a, lora_b, fishers, grads_a, grads_b, scaling = _layers(SHAPES["blocks"], torch.float32, torch.bfloat16, 3)
+    lora_a, lora_b, fishers, grads_a, grads_b, scaling = to_dev(_layers(SHAPES["blocks"], torch.float32,
+                                                                        torch.bfloat16, 3), device)
     outs, threads = [], torch.get_num_threads()
     try:
         for nt in (threads, 1, threads):
@@ -174,15 +175,19 @@ def _materialised_penalty(lora_a, lora_b, fishers, scaling, lam):
     return total * (lam / 2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_autograd_matches_torch_autograd_of_the_materialised_penalty(backend, dtype):
+def test_autograd_matches_torch_autograd_of_the_materialised_penalty(backend, device, dtype):
     lora_a, lora_b, fishers, *_, scaling = _layers(MIXED, dtype, torch.float32, seed=4)
     la = [a.clone().requires_grad_() for a in lora_a]
     lb = [b.clone().requires_grad_() for b in lora_b]
+    la_d, lb_d, f_d = to_dev((la, lb, fishers), device)
     with forgetkern.use_backend(backend):
-        pen = forgetkern.ewc_delta_w(la, lb, fishers, scaling=scaling, lam=LAM)
+        pen = forgetkern.ewc_delta_w(la_d, lb_d, f_d, scaling=scaling, lam=LAM)
         (3.0 * pen).backward()
+    pen = pen.cpu()
+    for x, xd in zip(la + lb, la_d + lb_d):
+        x.grad = xd.grad.cpu()
     # the materialised reference in float64 from the same stored values
     ra = [a.double().requires_grad_() for a in lora_a]
     rb = [b.double().requires_grad_() for b in lora_b]
@@ -196,15 +201,18 @@ def test_autograd_matches_torch_autograd_of_the_materialised_penalty(backend, dt
     # the in-place path gives the same gradients (3 * lam: the incoming gradient of 3)
     ga, gb = [torch.zeros_like(a) for a in lora_a], [torch.zeros_like(b) for b in lora_b]
     with forgetkern.use_backend(backend):
-        forgetkern.ewc_delta_w_and_grad_(lora_a, lora_b, fishers, scaling=scaling, lam=3.0 * LAM, grads_a=ga,
-                                         grads_b=gb)
+        ga_d, gb_d = to_dev((ga, gb), device)
+        forgetkern.ewc_delta_w_and_grad_(*to_dev((lora_a, lora_b, fishers), device), scaling=scaling,
+                                         lam=3.0 * LAM, grads_a=ga_d, grads_b=gb_d)
+    ga, gb = to_cpu((ga_d, gb_d))
     for x, g in zip(la + lb, ga + gb):
         torch.testing.assert_close(x.grad, g, rtol=4 * EPS[dtype], atol=4 * EPS[dtype] * float(g.abs().max()))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] in ("torch", "cpp")])
-def test_gradcheck_fp64(backend):
-    lora_a, lora_b, fishers, *_, scaling = _layers([(4, 5, 2), (3, 2, 1)], torch.float64, torch.float64, seed=5)
+@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b.values[0] in ("torch", "cpp")])
+def test_gradcheck_fp64(backend, device):
+    lora_a, lora_b, fishers, *_, scaling = to_dev(_layers([(4, 5, 2), (3, 2, 1)], torch.float64, torch.float64,
+                                                          seed=5), device)
     leaves = [x.clone().requires_grad_() for x in lora_a + lora_b]
 
     def fn(*xs):
@@ -221,10 +229,10 @@ def test_double_backward():
         lambda a, b: forgetkern.ewc_delta_w([a], [b], fishers, scaling=scaling, lam=LAM), leaves)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] in ("torch", "cpp")])
-def test_opcheck(backend):
-    lora_a, lora_b, fishers, grads_a, grads_b, scaling = _layers([(5, 6, 3), (2, 9, 1)], torch.float32,
-                                                                 torch.bfloat16, seed=7)
+@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b.values[0] in ("torch", "cpp")])
+def test_opcheck(backend, device):
+    lora_a, lora_b, fishers, grads_a, grads_b, scaling = to_dev(_layers([(5, 6, 3), (2, 9, 1)], torch.float32,
+                                                                        torch.bfloat16, seed=7), device)
     with forgetkern.use_backend(backend):
         torch.library.opcheck(torch.ops.forgetkern.ewc_delta_w_fused.default,
                               (lora_a, lora_b, fishers, scaling, LAM, grads_a, grads_b))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import forgetkern
-from tests._helpers import EPS, assert_close_scaled, backends, rand_list, size_sets
+from tests._helpers import EPS, assert_close_scaled, backend_devices, rand_list, size_sets, to_cpu, to_dev
 
 SIZES = size_sets()
 LAM = 0.7
@@ -38,14 +38,16 @@ DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torc
           (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)]
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("sizes", list(SIZES), ids=str)
 @pytest.mark.parametrize("p_dtype,state_dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_penalty_and_grad_match_oracle(backend, sizes, p_dtype, state_dtype):
+def test_penalty_and_grad_match_oracle(backend, device, sizes, p_dtype, state_dtype):
     params, anchors, fishers, grads = _lists(SIZES[sizes], p_dtype, state_dtype)
     want, want_mag, want_grads, mags = _oracle(params, anchors, fishers, grads, LAM)
+    params, anchors, fishers, grads = to_dev((params, anchors, fishers, grads), device)
     with forgetkern.use_backend(backend):
         got = forgetkern.ewc_penalty_and_grad_(params, anchors, fishers, lam=LAM, grads=grads)
+    got, grads = to_cpu((got, grads))
     acc = torch.float64 if p_dtype == torch.float64 else torch.float32
     assert got.dim() == 0 and got.dtype == acc
     n = sum(p.numel() for p in params)
@@ -56,19 +58,19 @@ def test_penalty_and_grad_match_oracle(backend, sizes, p_dtype, state_dtype):
         assert_close_scaled(g, w, m, p_dtype, 3.0, f"grads[{i}]")
 
 
-@pytest.mark.parametrize("backend", backends())
-def test_penalty_is_deterministic(backend):
-    params, anchors, fishers, _ = _lists([65537, 1000, 3], torch.float32, torch.float32, seed=5)
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_penalty_is_deterministic(backend, device):
+    params, anchors, fishers, _ = to_dev(_lists([65537, 1000, 3], torch.float32, torch.float32, seed=5), device)
     with forgetkern.use_backend(backend):
         a = forgetkern.ewc_penalty(params, anchors, fishers, LAM)
         b = forgetkern.ewc_penalty(params, anchors, fishers, LAM)
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("p_dtype,state_dtype", DTYPES[:4], ids=lambda d: str(d).replace("torch.", ""))
-def test_autograd_form_matches_fused_form(backend, p_dtype, state_dtype):
-    params, anchors, fishers, _ = _lists([(13, 7), 0, 301], p_dtype, state_dtype, seed=6)
+def test_autograd_form_matches_fused_form(backend, device, p_dtype, state_dtype):
+    params, anchors, fishers, _ = to_dev(_lists([(13, 7), 0, 301], p_dtype, state_dtype, seed=6), device)
     leaves = [p.clone().requires_grad_() for p in params]
     with forgetkern.use_backend(backend):
         pen = forgetkern.ewc_penalty(leaves, anchors, fishers, LAM)
@@ -81,9 +83,9 @@ def test_autograd_form_matches_fused_form(backend, p_dtype, state_dtype):
         torch.testing.assert_close(leaf.grad, g, rtol=2 * EPS[p_dtype], atol=0)
 
 
-@pytest.mark.parametrize("backend", backends())
-def test_gradcheck_fp64(backend):
-    params, anchors, fishers, _ = _lists([(3, 4), 5, 1], torch.float64, torch.float64, seed=7)
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_gradcheck_fp64(backend, device):
+    params, anchors, fishers, _ = to_dev(_lists([(3, 4), 5, 1], torch.float64, torch.float64, seed=7), device)
     leaves = [p.clone().requires_grad_() for p in params]
 
     def fn(*ps):
@@ -93,9 +95,9 @@ def test_gradcheck_fp64(backend):
         assert torch.autograd.gradcheck(fn, leaves)
 
 
-@pytest.mark.parametrize("backend", backends())
-def test_opcheck(backend):
-    params, anchors, fishers, grads = _lists([17, (4, 9)], torch.float32, torch.bfloat16, seed=8)
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_opcheck(backend, device):
+    params, anchors, fishers, grads = to_dev(_lists([17, (4, 9)], torch.float32, torch.bfloat16, seed=8), device)
     with forgetkern.use_backend(backend):
         torch.library.opcheck(torch.ops.forgetkern.ewc_fused.default,
                               (params, anchors, fishers, grads, LAM, True, True))
@@ -147,10 +149,10 @@ def test_bad_lambda():
         forgetkern.ewc_penalty(p, a, f, float("inf"))
 
 
-@pytest.mark.parametrize("backend", backends())
-def test_double_backward_is_exact(backend):
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_double_backward_is_exact(backend, device):
     """create_graph=True: the gradient lam*F*d has its own graph (d/dtheta = lam*F), e.g. for HVPs."""
-    params, anchors, fishers, _ = _lists([(3, 4), 5], torch.float64, torch.float64, seed=11)
+    params, anchors, fishers, _ = to_dev(_lists([(3, 4), 5], torch.float64, torch.float64, seed=11), device)
     leaves = [p.clone().requires_grad_() for p in params]
     with forgetkern.use_backend(backend):
         assert torch.autograd.gradgradcheck(lambda *ps: forgetkern.ewc_penalty(list(ps), anchors, fishers, LAM),

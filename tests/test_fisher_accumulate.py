@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import forgetkern
-from tests._helpers import EPS, assert_close_scaled, backends, rand_list, size_sets
+from tests._helpers import EPS, assert_close_scaled, backend_devices, rand_list, size_sets, to_cpu, to_dev
 
 SIZES = size_sets()
 
@@ -19,20 +19,22 @@ def _oracle(fishers, grads, decay, scale):
     return want, mag
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("sizes", list(SIZES), ids=str)
 @pytest.mark.parametrize("state_dtype,grad_dtype", [
     (torch.float32, torch.float32), (torch.float32, torch.float16), (torch.float32, torch.bfloat16),
     (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float64, torch.float64),
 ], ids=lambda d: str(d).replace("torch.", ""))
-def test_matches_oracle(backend, sizes, state_dtype, grad_dtype):
+def test_matches_oracle(backend, device, sizes, state_dtype, grad_dtype):
     gen = torch.Generator().manual_seed(1)
     shapes = SIZES[sizes]
     fishers = rand_list(shapes, state_dtype, gen, positive=True)
     grads = rand_list(shapes, grad_dtype, gen, scale=3.0)
     want, mag = _oracle(fishers, grads, 0.9, 0.25)
+    fishers, grads = to_dev((fishers, grads), device)
     with forgetkern.use_backend(backend):
         found = forgetkern.fisher_accumulate_(fishers, grads, decay=0.9, scale=0.25)
+    found, fishers = to_cpu((found, fishers))
     assert found.dtype == torch.float32 and found.dim() == 0 and found.item() == 0.0
     # one rounding of the fp32 (or fp64) math plus one rounding on store; 1 ulp more for truncating stores
     ulps = 3.0 if state_dtype == torch.float32 else 2.0
@@ -41,39 +43,45 @@ def test_matches_oracle(backend, sizes, state_dtype, grad_dtype):
         assert_close_scaled(f, w, m + w.abs(), state_dtype, ulps, f"fishers[{i}]")
 
 
-@pytest.mark.parametrize("backend", backends())
-def test_mixed_dtypes_in_one_call(backend):
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_mixed_dtypes_in_one_call(backend, device):
     gen = torch.Generator().manual_seed(2)
     fishers = [torch.rand(100, generator=gen).to(d) for d in (torch.float32, torch.bfloat16, torch.float32)]
     grads = [torch.randn(100, generator=gen).to(d) for d in (torch.float16, torch.float32, torch.bfloat16)]
     want, mag = _oracle(fishers, grads, 1.0, 1.0)
+    fishers, grads = to_dev((fishers, grads), device)
     with forgetkern.use_backend(backend):
         forgetkern.fisher_accumulate_(fishers, grads)
+    fishers = to_cpu(fishers)
     for i, (f, w, m) in enumerate(zip(fishers, want, mag)):
         assert_close_scaled(f, w, m, f.dtype, 3.0, f"fishers[{i}]")
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-def test_fp16_gradients_never_overflow(backend, state_dtype):
+def test_fp16_gradients_never_overflow(backend, device, state_dtype):
     grads = [torch.full((33,), 60000.0, dtype=torch.float16), torch.full((5,), -65504.0, dtype=torch.float16)]
     fishers = [torch.zeros(33, dtype=state_dtype), torch.ones(5, dtype=state_dtype)]
+    fishers, grads = to_dev((fishers, grads), device)
     with forgetkern.use_backend(backend):
         found = forgetkern.fisher_accumulate_(fishers, grads)
+    found, fishers = to_cpu((found, fishers))
     assert found.item() == 0.0
     assert torch.isfinite(fishers[0]).all() and torch.isfinite(fishers[1]).all()
     torch.testing.assert_close(fishers[0].double(), torch.full((33,), 3.6e9, dtype=torch.float64),
                                rtol=EPS[state_dtype], atol=0)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
-def test_nonfinite_gradients_are_skipped_and_flagged(backend, bad):
+def test_nonfinite_gradients_are_skipped_and_flagged(backend, device, bad):
     fishers = [torch.full((70000,), 4.0), torch.full((3,), 5.0)]
     grads = [torch.ones(70000), torch.ones(3)]
     grads[0][[0, 40000, 69999]] = bad
+    fishers, grads = to_dev((fishers, grads), device)
     with forgetkern.use_backend(backend):
         found = forgetkern.fisher_accumulate_(fishers, grads, decay=0.5, scale=1.0)
+    found, fishers = to_cpu((found, fishers))
     assert found.item() == 1.0
     expect = torch.full((70000,), 3.0)   # 0.5 * 4 + 1 for good elements ...
     expect[[0, 40000, 69999]] = 4.0      # ... the skipped ones keep their old value, not even decayed
@@ -81,11 +89,11 @@ def test_nonfinite_gradients_are_skipped_and_flagged(backend, bad):
     torch.testing.assert_close(fishers[1], torch.full((3,), 3.5), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", backends())
-def test_opcheck(backend):
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_opcheck(backend, device):
     gen = torch.Generator().manual_seed(3)
-    fishers = rand_list([17, (4, 9)], torch.float32, gen, positive=True)
-    grads = rand_list([17, (4, 9)], torch.float32, gen)
+    fishers = to_dev(rand_list([17, (4, 9)], torch.float32, gen, positive=True), device)
+    grads = to_dev(rand_list([17, (4, 9)], torch.float32, gen), device)
     with forgetkern.use_backend(backend):
         torch.library.opcheck(torch.ops.forgetkern.fisher_accumulate_.default, (fishers, grads, 0.9, 0.1))
 
@@ -118,17 +126,19 @@ def test_bad_scalars():
         forgetkern.fisher_accumulate_([torch.zeros(1)], [torch.zeros(1)], scale=torch.tensor(1.0))
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-def test_overflowing_update_is_dropped_and_flagged(backend, state_dtype):
+def test_overflowing_update_is_dropped_and_flagged(backend, device, state_dtype):
     # A finite fp32 gradient whose square overflows (1e20^2 = inf), and a sum that overflows only on the add:
     # neither may enter the Fisher; both keep their old value and raise the flag.
     fishers = [torch.full((9,), 2.0, dtype=state_dtype)]
     grads = [torch.ones(9)]
     grads[0][2] = 1e20
     grads[0][5] = 1.5e19  # g^2 = 2.25e38 fits float32; scale * g^2 = 4.5e38 does not
+    fishers, grads = to_dev((fishers, grads), device)
     with forgetkern.use_backend(backend):
         found = forgetkern.fisher_accumulate_(fishers, grads, decay=1.0, scale=2.0)
+    found, fishers = to_cpu((found, fishers))
     assert found.item() == 1.0
     expect = torch.full((9,), 4.0, dtype=state_dtype)
     expect[[2, 5]] = 2.0

@@ -13,15 +13,15 @@ import forgetkern  # noqa: F401
 from forgetkern.ops.linear_persample_sq_grad import (bias_persample_sq_grad_, linear_persample_sq_grad_,
                                                      lora_persample_sq_grad_)
 from forgetkern.reference import linear_persample_sq_grad as ref
-from tests._helpers import backends as _all_backends
+from tests._helpers import backend_devices, to_dev
 
 NO_CPP = "no C++ CPU kernel for this op: the chunked PyTorch path (GEMMs in MKL/oneDNN) is the CPU path"
 
 
 def backends():
-    """Backends of this op: every concrete backend but ``cpp`` (skipped with the reason)."""
-    return [pytest.param("cpp", marks=pytest.mark.skip(reason=NO_CPP), id="cpp") if p.id == "cpp" else p
-            for p in _all_backends()]
+    """(backend, device) pairs of this op: every concrete backend but ``cpp`` (skipped with the reason)."""
+    return [pytest.param("cpp", "cpu", marks=pytest.mark.skip(reason=NO_CPP), id="cpp") if p.id == "cpp" else p
+            for p in backend_devices()]
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,21 +62,27 @@ def _mag(x, g, mask):
     return (a * a).sum(0)
 
 
-def _run(backend, fisher, x, g, **kw):
+def _run(backend, device, fisher, x, g, **kw):
+    """The op on ``device`` copies of the inputs; the result written back into the CPU ``fisher``."""
+    f_dev, x, g = to_dev((fisher, x, g), device)
+    kw = {k: to_dev(v, device) for k, v in kw.items()}
     with forgetkern.use_backend(backend):
-        return linear_persample_sq_grad_(fisher, x, g, **kw)
+        found = linear_persample_sq_grad_(f_dev, x, g, **kw)
+    if f_dev is not fisher:
+        fisher.copy_(f_dev.cpu())
+    return found.cpu()
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend,device", backends())
 @pytest.mark.parametrize("dtype", list(DT), ids=str)
 @pytest.mark.parametrize("granularity", ["sample", "token"])
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
-def test_matches_vmap(backend, dtype, granularity, padded):
+def test_matches_vmap(backend, device, dtype, granularity, padded):
     x, _, c, mask = _problem(3, 9, 20, 12, DT[dtype], padded=padded)
     c = c.to(DT[dtype])
     want = _vmap_oracle(x, c, mask, granularity)
     fisher = torch.full((12, 20), 0.5)
-    found = _run(backend, fisher, x, c, scale=0.25, mask=mask, granularity=granularity)
+    found = _run(backend, device, fisher, x, c, scale=0.25, mask=mask, granularity=granularity)
     assert found.dtype == torch.float32 and found.dim() == 0 and found.item() == 0.0
     mag = _mag(x, c, mask) if granularity == "sample" else want
     err = (fisher.double() - (0.5 + 0.25 * want)).abs()
@@ -89,47 +95,47 @@ def _oracle_from_g(x, g, mask):
     return (per * per).sum(0)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend,device", backends())
 @pytest.mark.parametrize("state", [torch.bfloat16, torch.float32])
-def test_state_dtypes_and_odd_tiles(backend, state):
+def test_state_dtypes_and_odd_tiles(backend, device, state):
     """Several output/input tiles, T not a multiple of the token block, bf16 state rounded once."""
     x, w, c, mask = _problem(5, 21, 70, 40, torch.bfloat16, seed=3)
     g = torch.randn(5, 21, 40, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     want = _oracle_from_g(x, g.double(), mask)
     fisher = torch.ones(40, 70, dtype=state)
-    _run(backend, fisher, x, g, mask=mask, scale=0.1)
+    _run(backend, device, fisher, x, g, mask=mask, scale=0.1)
     exp = 1.0 + 0.1 * want
     rtol = 2.0 ** -7 if state == torch.bfloat16 else 1e-5
     torch.testing.assert_close(fisher.double(), exp, rtol=rtol, atol=0)
 
 
-@pytest.mark.parametrize("backend", backends())
-def test_two_dim_inputs_sample_equals_token(backend):
+@pytest.mark.parametrize("backend,device", backends())
+def test_two_dim_inputs_sample_equals_token(backend, device):
     gen = torch.Generator().manual_seed(5)
     x, g = torch.randn(6, 11, generator=gen), torch.randn(6, 7, generator=gen)
     a, b = torch.zeros(7, 11), torch.zeros(7, 11)
-    _run(backend, a, x, g)
-    _run(backend, b, x, g, granularity="token")
+    _run(backend, device, a, x, g)
+    _run(backend, device, b, x, g, granularity="token")
     torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
     torch.testing.assert_close(a.double(), (g.double() ** 2).t() @ x.double() ** 2, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("backend", backends())
-def test_fp16_extremes_do_not_overflow(backend):
+@pytest.mark.parametrize("backend,device", backends())
+def test_fp16_extremes_do_not_overflow(backend, device):
     x = torch.full((2, 3, 4), 60000.0, dtype=torch.float16)
     g = torch.full((2, 3, 5), -65504.0, dtype=torch.float16)
     fisher = torch.zeros(5, 4)
-    found = _run(backend, fisher, x, g)
+    found = _run(backend, device, fisher, x, g)
     assert found.item() == 0.0 and torch.isfinite(fisher).all()
     per = 3 * 60000.0 * 65504.0
     torch.testing.assert_close(fisher.double(), torch.full((5, 4), 2 * per * per, dtype=torch.float64),
                                rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend,device", backends())
 @pytest.mark.parametrize("granularity", ["sample", "token"])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_nonfinite_contributions_dropped_and_flagged(backend, granularity, bad):
+def test_nonfinite_contributions_dropped_and_flagged(backend, device, granularity, bad):
     gen = torch.Generator().manual_seed(6)
     x, g = torch.randn(3, 4, 6, generator=gen), torch.randn(3, 4, 5, generator=gen)
     mask = torch.ones(3, 4, dtype=torch.bool)
@@ -140,7 +146,7 @@ def test_nonfinite_contributions_dropped_and_flagged(backend, granularity, bad):
     x_bad = x.clone()
     x_bad[2, 3, :] = float("nan")
     fisher = torch.zeros(5, 6)
-    found = _run(backend, fisher, x_bad, g_bad, mask=mask, granularity=granularity)
+    found = _run(backend, device, fisher, x_bad, g_bad, mask=mask, granularity=granularity)
     assert found.item() == 1.0
     keep = torch.ones(3, 5, 6, dtype=torch.bool)
     keep[1, 3, :] = False
@@ -180,11 +186,11 @@ def test_bias_matches_vmap():
     torch.testing.assert_close(f, (g ** 2 * mask[..., None]).sum((0, 1)))
 
 
-@pytest.mark.parametrize("backend", backends())
-def test_opcheck(backend):
+@pytest.mark.parametrize("backend,device", backends())
+def test_opcheck(backend, device):
     gen = torch.Generator().manual_seed(10)
-    args = (torch.zeros(3, 4), torch.randn(2, 5, 4, generator=gen), torch.randn(2, 5, 3, generator=gen),
-            torch.ones(2, 5, dtype=torch.bool), 0.5, False)
+    args = to_dev((torch.zeros(3, 4), torch.randn(2, 5, 4, generator=gen), torch.randn(2, 5, 3, generator=gen),
+                   torch.ones(2, 5, dtype=torch.bool), 0.5, False), device)
     with forgetkern.use_backend(backend):
         torch.library.opcheck(torch.ops.forgetkern.linear_persample_sq_grad_.default, args)
 
@@ -208,10 +214,10 @@ def test_bad_inputs_name_the_argument(make, match):
         linear_persample_sq_grad_(torch.zeros(3, 4), torch.zeros(2, 4), torch.zeros(2, 3), granularity="batch")
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend,device", backends())
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"], ids=str)
 @pytest.mark.parametrize("granularity", ["sample", "token"])
-def test_lora_factors_match_vmap(backend, dtype, granularity):
+def test_lora_factors_match_vmap(backend, device, dtype, granularity):
     """dA_n, dB_n of y = x W^T + s (x A^T) B^T against torch.func per-sample (per-token) gradients."""
     gen = torch.Generator().manual_seed(11)
     n, t, d_in, d_out, r, s = 3, 8, 24, 20, 4, 2.0
@@ -235,18 +241,19 @@ def test_lora_factors_match_vmap(backend, dtype, granularity):
         args = [z.reshape(n * t, 1, -1) for z in args[:3]] + [mask.reshape(-1, 1).double()]
     per = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0, 0))(params, *args)
     want_a, want_b = (per["a"] ** 2).sum(0), (per["b"] ** 2).sum(0)
-    fa, fb = torch.zeros(r, d_in), torch.zeros(d_out, r)
+    fa, fb, x, c, a, b, mask = to_dev((torch.zeros(r, d_in), torch.zeros(d_out, r), x, c, a, b, mask), device)
     with forgetkern.use_backend(backend):
         found = lora_persample_sq_grad_(fa, fb, x, c, a, b, scaling=s, mask=mask, granularity=granularity)
     assert found.item() == 0.0
+    fa, fb = fa.cpu(), fb.cpu()
     rtol = 1e-5 if dtype == "fp32" else 2.0 ** -6   # bf16: V = g B is rounded to bf16 like the LoRA backward
     torch.testing.assert_close(fb.double(), want_b, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(fa.double(), want_a, rtol=rtol, atol=1e-6 * float(want_a.max()))
 
 
-@pytest.mark.parametrize("backend", [p for p in backends() if p.id == "triton"])
+@pytest.mark.parametrize("backend,device", [p for p in backends() if p.values[0] == "triton"])
 @pytest.mark.parametrize("granularity", ["sample", "token"])
-def test_triton_split_over_samples_and_aligned_path(backend, granularity):
+def test_triton_split_over_samples_and_aligned_path(backend, device, granularity):
     """Split-N workspace + fixed-order finish kernel, on shapes that take the vectorised (VEC=8) path."""
     from forgetkern.triton import linear_persample_sq_grad as tri
 
@@ -257,11 +264,12 @@ def test_triton_split_over_samples_and_aligned_path(backend, granularity):
     assert tri._aligned(x, g)
     want = torch.ones(40, 48)
     ref.linear_persample_sq_grad_(want, x, g, mask, 0.5, granularity == "token")
+    x, g, mask = to_dev((x, g, mask), device)
     for splits in (1, 2, 5):
-        f = torch.ones(40, 48)
+        f = torch.ones(40, 48, device=device)
         found = tri.linear_persample_sq_grad_(f, x, g, mask, 0.5, granularity == "token", splits=splits)
         assert found.item() == 0.0
-        torch.testing.assert_close(f, want, rtol=2e-6, atol=0)
+        torch.testing.assert_close(f.cpu(), want, rtol=2e-6, atol=0)
 
 
 _MEM_PROBE = r"""
@@ -356,16 +364,16 @@ def test_triton_aot_no_spills_and_tensor_cores():
             assert (r["hgmma"] if r["arch"] == 90 else r["hmma"]) > 0, r
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend,device", backends())
 @pytest.mark.parametrize("granularity", ["sample", "token"])
-def test_overflowing_sum_keeps_the_old_value_and_flags(backend, granularity):
+def test_overflowing_sum_keeps_the_old_value_and_flags(backend, device, granularity):
     # Every contribution is finite (1.5e38 each), but their sum over three samples overflows float32: those
     # elements keep their old value and raise the flag; the others are updated.
     x = torch.ones(3, 1, 3)
     g = torch.full((3, 1, 2), 1.5e38 ** 0.5)   # per sample: g x = 1.22e19, squared 1.5e38
     g[:, :, 1] = 1.0
     fisher = torch.ones(2, 3)
-    found = _run(backend, fisher, x, g, granularity=granularity)
+    found = _run(backend, device, fisher, x, g, granularity=granularity)
     assert found.item() == 1.0
     torch.testing.assert_close(fisher[0], torch.ones(3), rtol=0, atol=0)       # row 0: the sum overflowed
     torch.testing.assert_close(fisher[1], torch.full((3,), 4.0), rtol=0, atol=0)  # row 1: 1 + 3 * 1

@@ -5,6 +5,7 @@ import torch
 
 import forgetkern
 from forgetkern.ops.lwf_loss import _lwf_op
+from tests._helpers import devices, to_dev
 
 
 def _naive(hs, ht, W, y, b, alpha, T, ce_weight):
@@ -17,7 +18,7 @@ def _naive(hs, ht, W, y, b, alpha, T, ce_weight):
     return ce_weight * ce + alpha * kl, ce, kl
 
 
-def _inputs(N=37, H=16, V=50, dtype=torch.float64, bias=True, seed=0):
+def _inputs(N=37, H=16, V=50, dtype=torch.float64, bias=True, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     hs = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
     ht = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype)
@@ -25,13 +26,14 @@ def _inputs(N=37, H=16, V=50, dtype=torch.float64, bias=True, seed=0):
     b = torch.randn(V, generator=g, dtype=torch.float64).to(dtype).requires_grad_() if bias else None
     y = torch.randint(0, V, (N,), generator=g)
     y[::5] = -100
-    return hs, ht, W, b, y
+    return to_dev((hs, ht, W, b, y), device)
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("chunk", [1, 8, 1000])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_naive_fp64(chunk, bias):
-    hs, ht, W, b, y = _inputs(bias=bias)
+def test_matches_naive_fp64(chunk, bias, device):
+    hs, ht, W, b, y = _inputs(bias=bias, device=device)
     out = forgetkern.lwf_loss(hs, ht, W, y, alpha=0.7, temperature=2.5, ce_weight=0.9, bias=b, chunk_size=chunk)
     ref, ce, kl = _naive(hs, ht, W, y, b, 0.7, 2.5, 0.9)
     wrt = (hs, W) + ((b,) if bias else ())
@@ -52,8 +54,9 @@ def test_teacher_equal_student_has_zero_kl_and_plain_ce_gradient():
     torch.testing.assert_close(torch.autograd.grad(out.loss, hs)[0], torch.autograd.grad(ce, hs)[0])
 
 
-def test_float32_and_bf16_hidden_states_earned_tolerance():
-    hs64, ht64, W64, _, y = _inputs(bias=False)
+@pytest.mark.parametrize("device", devices())
+def test_float32_and_bf16_hidden_states_earned_tolerance(device):
+    hs64, ht64, W64, _, y = _inputs(bias=False, device=device)
     ref, _, _ = _naive(hs64, ht64, W64, y, None, 1.0, 2.0, 1.0)
     g_ref = torch.autograd.grad(ref, hs64)[0]
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
@@ -90,8 +93,9 @@ def test_batched_shapes_equal_flat():
     torch.testing.assert_close(flat, shaped)
 
 
-def test_opcheck():
-    hs, ht, W, b, y = _inputs(N=9, H=8, V=12, dtype=torch.float32)
+@pytest.mark.parametrize("device", devices())
+def test_opcheck(device):
+    hs, ht, W, b, y = _inputs(N=9, H=8, V=12, dtype=torch.float32, device=device)
     torch.library.opcheck(_lwf_op, (hs, ht, W, y, b, 1.0, 2.0, 1.0, 4, True))
     torch.library.opcheck(_lwf_op, (hs, ht, W.detach(), y, None, 0.5, 1.0, 1.0, 4, False))
 

@@ -1,8 +1,10 @@
-"""Triton multi-tensor kernels against the PyTorch reference, under the interpreter (CPU tensors).
+"""Triton multi-tensor kernels against the PyTorch reference: compiled on CUDA tensors with a GPU, else under
+the interpreter on CPU tensors.
 
-TRITON_INTERPRET=1 comes from tests/conftest.py. The interpreter stores bf16 by truncation, so bf16 outputs
-are compared with 1 ulp of slack; float32/float64 results use the reference's own operation order and must
-match to a few ulps.
+TRITON_INTERPRET=1 comes from tests/conftest.py when there is no GPU. The interpreter stores bf16 by truncation,
+so bf16 outputs are compared with 1 ulp of slack; float32/float64 results use the reference's own operation
+order and must match to a few ulps. Launch counts are read from the interpreter (count_bytes), so they are
+checked only there.
 """
 
 import os
@@ -10,10 +12,12 @@ import os
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-    pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py) to run Triton kernels on CPU tensors",
-                allow_module_level=True)
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if not INTERPRETING and not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device, or TRITON_INTERPRET=1 (tests/conftest.py) to run Triton kernels on CPU "
+                "tensors", allow_module_level=True)
 pytest.importorskip("triton")
+DEV = "cpu" if INTERPRETING else "cuda"
 
 from forgetkern.reference import ewc_penalty as ref_ewc  # noqa: E402
 from forgetkern.reference import fisher_accumulate as ref_fisher  # noqa: E402
@@ -29,9 +33,22 @@ F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float6
 ULP = {F32: 2.0**-23, F16: 2.0**-10, BF16: 2.0**-7, F64: 2.0**-52}
 
 
+@pytest.fixture(autouse=True)
+def _on_device():
+    """Tensors made by the tests (without a generator) on the kernels' device."""
+    with torch.device(DEV):
+        yield
+
+
+def _launches(moved, n):
+    """The interpreter records the launched kernels; a compiled run does not go through it."""
+    if INTERPRETING:
+        assert len(moved.launches) == n, moved.launches
+
+
 def _many_small():
     g = torch.Generator().manual_seed(0)
-    sizes = [int(n) for n in torch.randint(1, 40, (520,), generator=g)]
+    sizes = [int(n) for n in torch.randint(1, 40, (520,), generator=g, device="cpu")]
     sizes[::9] = [0] * len(sizes[::9])
     return sizes
 
@@ -43,8 +60,8 @@ def _rand(sizes, dtype, seed, scale=1.0, positive=False):
     g = torch.Generator().manual_seed(seed)
     out = []
     for n in sizes:
-        x = torch.randn(n, generator=g, dtype=F64) * scale
-        out.append((x.abs() if positive else x).to(dtype))
+        x = torch.randn(n, generator=g, dtype=F64, device="cpu") * scale
+        out.append((x.abs() if positive else x).to(dtype).to(DEV))
     return out
 
 
@@ -77,7 +94,7 @@ def test_fisher_matches_reference(sizes, fd, gd):
     with count_bytes() as moved:
         flag = tri_fisher.fisher_accumulate_(fishers, grads, 0.9, 0.25)
     assert flag.dtype == F32 and flag.dim() == 0 and flag.item() == want_flag.item() == 0.0
-    assert len(moved.launches) == (1 if any(shapes) else 0)
+    _launches(moved, 1 if any(shapes) else 0)
     for i, (f, w) in enumerate(zip(fishers, want)):
         _close(f, w, fd, _ulps(fd), f"fishers[{i}]")
 
@@ -119,7 +136,7 @@ def test_fisher_mixed_dtypes_one_launch_per_group():
     ref_fisher.fisher_accumulate_(want, grads, 1.0, 0.5)
     with count_bytes() as moved:
         tri_fisher.fisher_accumulate_(fishers, grads, 1.0, 0.5)
-    assert len(moved.launches) == len(set(dts))
+    _launches(moved, len(set(dts)))
     for i, (f, w) in enumerate(zip(fishers, want)):
         _close(f, w, f.dtype, _ulps(f.dtype), f"fishers[{i}]")
 
@@ -149,7 +166,7 @@ def _check_ewc(params, anchors, fishers, grads, lam, write_grad, accumulate, lau
     all64 = all(p.dtype == F64 for p in params)  # float32 groups accumulate in float32 even in a float64 call
     torch.testing.assert_close(got, want, rtol=1e-12 if all64 else 1e-5, atol=1e-30)
     if launches is not None:
-        assert len(moved.launches) == launches
+        _launches(moved, launches)
     if write_grad:
         for i, (g, w) in enumerate(zip(grads, ref_grads)):
             _close(g, w, g.dtype, _ulps(g.dtype), f"grads[{i}]")

@@ -1,7 +1,11 @@
 // torch glue for the CUDA LoRA linear: torch.ops.forgetkern_cuda.lora_linear_fwd / lora_linear_bwd, same
-// schema and semantics as forgetkern/reference/lora_linear.py. Each product is one LoraGemm launch
-// (csrc/cuda/lora_linear.cu); this file only allocates outputs, concatenates the small adapter matrices of
-// adjacent adapters (rank-sized copies) and describes the operands by pointer and strides.
+// schema and semantics as forgetkern/reference/lora_linear.py.
+//
+// The frozen GEMMs go to cuBLAS through ATen, straight into the output buffers: y = addmm(b, x, W^T) and
+// dx = dy_1 W_1 (+ dy_l W_l ...); so do the GEMMs whose long M dimension is the inner one (dB = s dy^T xa, the dA
+// of adapters without dropout). The rank-r work with dropout or many adapters is the custom kernels of
+// lora_linear.cu (shrink, expand, dropout-masked dA), described by plain structs whose scalings travel as kernel
+// arguments: no host-to-device copy, no synchronisation per call.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #ifndef FK_LORA_HOST_GLUE
@@ -10,15 +14,19 @@
 #define FK_LORA_GUARD(x) const c10::cuda::CUDAGuard guard_((x).device())
 #define FK_LORA_STREAM(x) static_cast<void*>(c10::cuda::getCurrentCUDAStream((x).device().index()).stream())
 #define FK_LORA_KEY CUDA
-#else  // host build of this glue (CPU tensors, a host lora_gemm_launch): checks the operand descriptions
+#define FK_LORA_NS forgetkern_cuda
+#else  // host build of this glue (CPU tensors, host versions of the launchers): checks the glue without a GPU
 #define FK_LORA_GUARD(x)
 #define FK_LORA_STREAM(x) nullptr
 #define FK_LORA_KEY CPU
+#ifndef FK_LORA_NS
+#define FK_LORA_NS forgetkern_cuda_host
+#endif
 #endif
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
-#include <utility>
 #include <vector>
 
 #include "forgetkern/lora_linear.h"
@@ -28,7 +36,6 @@ namespace cuda {
 namespace {
 
 using at::Tensor;
-using Runs = std::vector<std::pair<int64_t, int64_t>>;
 
 DType dtype_of(const Tensor& t) {
   switch (t.scalar_type()) {
@@ -41,16 +48,13 @@ DType dtype_of(const Tensor& t) {
   return DType::Float32;
 }
 
-void run(const LoraGemm& g, const Tensor& like) {
-  if (g.m <= 0 || g.q <= 0) return;
-  const int err = lora_gemm_launch(g, dtype_of(like), FK_LORA_STREAM(like));
-  TORCH_CHECK(err == 0, "forgetkern_cuda.lora_linear: kernel launch failed (cudaError ", err, ")");
+void check(int err, const char* what) {
+  TORCH_CHECK(err == 0, "forgetkern_cuda.lora_linear: ", what, " kernel launch failed (cudaError ", err, ")");
 }
-
-LoraOperand opnd(const Tensor& t, int64_t s0, int64_t s1) { return LoraOperand{t.data_ptr(), s0, s1}; }
 
 LoraDrop drop(double p, int64_t key) {
   LoraDrop d;
+  if (p <= 0) return d;
   d.key = static_cast<uint32_t>(key);
   d.threshold = lora_keep_threshold(p);
   d.scale = lora_keep_scale(p);
@@ -58,211 +62,183 @@ LoraDrop drop(double p, int64_t key) {
   return d;
 }
 
-struct Plan {
-  std::vector<int64_t> offs;  // column offset of each adapter in xa / g (offs[n] = total rank)
-  Runs by_layer, plain;       // runs of adjacent adapters: same layer / all without dropout
-};
+std::vector<int64_t> offsets(at::TensorList lora_a) {  // column of each adapter in xa / g; back() = total rank
+  std::vector<int64_t> offs(lora_a.size() + 1, 0);
+  for (size_t k = 0; k < lora_a.size(); ++k) offs[k + 1] = offs[k] + lora_a[k].size(0);
+  return offs;
+}
 
-Plan plan(at::TensorList lora_a, at::IntArrayRef layer, at::ArrayRef<double> dropout_p) {
-  Plan p;
-  const int64_t n = static_cast<int64_t>(lora_a.size());
-  p.offs.assign(n + 1, 0);
-  for (int64_t k = 0; k < n; ++k) {
-    p.offs[k + 1] = p.offs[k] + lora_a[k].size(0);
-    if (!p.by_layer.empty() && layer[p.by_layer.back().first] == layer[k]) p.by_layer.back().second = k + 1;
-    else p.by_layer.emplace_back(k, k + 1);
-    if (dropout_p[k] <= 0) {
-      if (!p.plain.empty() && p.plain.back().second == k) p.plain.back().second = k + 1;
-      else p.plain.emplace_back(k, k + 1);
+// Shrink items in batches of kLoraMaxItems, adapters of rank > kLoraShrinkRank split into rank chunks.
+class ShrinkBatch {
+ public:
+  ShrinkBatch(int64_t m, Tensor& out, const Tensor& like) : like_(like) {
+    p_.m = m; p_.out = out.data_ptr(); p_.ld_out = out.stride(0);
+  }
+  void add(const Tensor& in, const Tensor& w, int64_t w_sj, int64_t w_sc, int64_t rank, int64_t out_col,
+           double scale, const LoraDrop& d) {
+    const int64_t esz = static_cast<int64_t>(w.element_size());
+    for (int64_t j0 = 0; j0 < rank; j0 += kLoraShrinkRank) {
+      LoraShrinkItem& it = p_.item[p_.n++];
+      it.in = in.data_ptr(); it.ld_in = in.stride(0); it.k = in.size(1);
+      it.w = static_cast<const char*>(w.data_ptr()) + j0 * w_sj * esz; it.w_sj = w_sj; it.w_sc = w_sc;
+      it.rank = static_cast<int32_t>(std::min<int64_t>(kLoraShrinkRank, rank - j0));
+      it.out_col = static_cast<int32_t>(out_col + j0);
+      it.scale = static_cast<float>(scale); it.drop = d;
+      if (p_.n == kLoraMaxItems) flush();
     }
   }
-  return p;
-}
+  void flush() {
+    if (p_.n > 0) check(lora_shrink_launch(p_, dtype_of(like_), FK_LORA_STREAM(like_)), "shrink");
+    p_.n = 0;
+  }
 
-Tensor cat(at::TensorList ts, int64_t lo, int64_t hi, int64_t dim) {
-  if (hi - lo == 1) return ts[lo];
-  return at::cat(std::vector<Tensor>(ts.begin() + lo, ts.begin() + hi), dim);
-}
+ private:
+  LoraShrink p_;
+  const Tensor& like_;
+};
 
-Tensor colscale(at::TensorList lora_a, at::ArrayRef<double> scaling, const std::vector<int64_t>& ks,
-                const Tensor& like) {
-  std::vector<float> v;
-  for (int64_t k : ks) v.insert(v.end(), static_cast<size_t>(lora_a[k].size(0)), static_cast<float>(scaling[k]));
-  Tensor host = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kFloat));
-  std::copy(v.begin(), v.end(), host.data_ptr<float>());
-  return host.to(like.device());
-}
+class ExpandBatch {
+ public:
+  ExpandBatch(const Tensor& in, Tensor& out, const Tensor& like) : like_(like) {
+    p_.m = out.size(0); p_.q = out.size(1); p_.in = in.data_ptr(); p_.ld_in = in.stride(0);
+    p_.out = out.data_ptr(); p_.ld_out = out.stride(0);
+  }
+  void add(const Tensor& w, int64_t w_sj, int64_t w_sq, int64_t rank, int64_t in_col, double scale,
+           const LoraDrop& d) {
+    if (rank == 0) return;
+    LoraExpandItem& it = p_.item[p_.n++];
+    it.w = w.data_ptr(); it.w_sj = w_sj; it.w_sq = w_sq;
+    it.rank = static_cast<int32_t>(rank); it.in_col = static_cast<int32_t>(in_col);
+    it.scale = static_cast<float>(scale); it.drop = d;
+    if (p_.n == kLoraMaxItems) flush();
+  }
+  void flush() {
+    if (p_.n > 0) check(lora_expand_launch(p_, dtype_of(like_), FK_LORA_STREAM(like_)), "expand");
+    p_.n = 0;
+  }
 
-std::vector<int64_t> range(int64_t lo, int64_t hi) {
-  std::vector<int64_t> r;
-  for (int64_t k = lo; k < hi; ++k) r.push_back(k);
-  return r;
+ private:
+  LoraExpand p_;
+  const Tensor& like_;
+};
+
+// dA = g^T drop(x) for an adapter with dropout: split over rows (enough blocks to fill the GPU, each split at
+// least 256 rows; a function of the shapes only, so the result is deterministic), splits summed by at::sum.
+Tensor drop_da(const Tensor& gbuf, int64_t g_col, int64_t rank, const Tensor& x, const LoraDrop& d) {
+  const int64_t m = x.size(0), k = x.size(1);
+  if (m == 0 || rank == 0) return at::zeros({rank, k}, x.options());
+  const int64_t tiles = ((k + 63) / 64) * ((rank + 31) / 32);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((512 + tiles - 1) / tiles, (m + 255) / 256));
+  const int64_t rows = ((m + splits - 1) / splits + 31) / 32 * 32;
+  const int64_t used = (m + rows - 1) / rows;
+  Tensor ws = at::empty({used, rank, k}, x.options().dtype(at::kFloat));
+  LoraDropTGemm p;
+  p.m = m; p.k = k; p.g = gbuf.data_ptr(); p.ld_g = gbuf.stride(0);
+  p.g_col = static_cast<int32_t>(g_col); p.rank = static_cast<int32_t>(rank);
+  p.x = x.data_ptr(); p.ld_x = x.stride(0); p.drop = d; p.ws = ws.data_ptr<float>();
+  p.splits = static_cast<int32_t>(used); p.rows_per_split = rows;
+  check(lora_drop_tgemm_launch(p, dtype_of(x), FK_LORA_STREAM(x)), "dropout dA");
+  return (used == 1 ? ws.select(0, 0) : ws.sum(0)).to(x.scalar_type());
 }
 
 }  // namespace
 
 std::tuple<std::vector<Tensor>, Tensor> lora_linear_fwd(
-    const Tensor& x, at::TensorList weights, at::TensorList biases, at::IntArrayRef bias_layer,
+    const Tensor& x_in, at::TensorList weights, at::TensorList biases, at::IntArrayRef bias_layer,
     at::TensorList lora_a, at::TensorList lora_b, at::IntArrayRef layer, at::ArrayRef<double> scaling,
     at::ArrayRef<double> dropout_p, at::IntArrayRef keys) {
-  FK_LORA_GUARD(x);
-  const int64_t m = x.size(0), k_in = x.size(1), n_ad = static_cast<int64_t>(lora_a.size());
-  const Plan p = plan(lora_a, layer, dropout_p);
-  const int64_t r_all = p.offs[n_ad];
-  Tensor xa = at::empty({m, r_all}, x.options());
-  for (const auto& run_ : p.plain) {  // x [A_lo | ... | A_hi-1]^T: one GEMM for the adapters without dropout
-    const Tensor a = cat(lora_a, run_.first, run_.second, 0);
-    LoraGemm g;
-    g.m = m; g.q = a.size(0); g.nseg = 1;
-    g.seg[0].a = opnd(x, k_in, 1); g.seg[0].b = opnd(a, 1, k_in); g.seg[0].k = k_in;
-    g.c = xa.narrow(1, p.offs[run_.first], g.q).data_ptr(); g.ldc = r_all;
-    run(g, x);
-  }
-  for (int64_t k = 0; k < n_ad; ++k) {
-    if (dropout_p[k] <= 0) continue;
-    LoraGemm g;
-    g.m = m; g.q = lora_a[k].size(0); g.nseg = 1;
-    g.seg[0].a = opnd(x, k_in, 1); g.seg[0].b = opnd(lora_a[k], 1, k_in); g.seg[0].k = k_in;
-    g.seg[0].a_drop = drop(dropout_p[k], keys[k]);
-    g.c = xa.narrow(1, p.offs[k], g.q).data_ptr(); g.ldc = r_all;
-    run(g, x);
+  FK_LORA_GUARD(x_in);
+  dtype_of(x_in);
+  const Tensor x = x_in.contiguous();  // the kernels read rows of x (the op layer passes it contiguous)
+  const int64_t m = x.size(0), n_ad = static_cast<int64_t>(lora_a.size());
+  const std::vector<int64_t> offs = offsets(lora_a);
+  Tensor xa = at::empty({m, offs[n_ad]}, x.options());
+  {  // shrink: xa = [drop_1(x) A_1^T | ...], every adapter in one launch (A_k (j, c) at j K + c). Adjacent
+     // adapters without dropout read the same x: one item (up to 64 ranks) serves them all, x read once,
+     // from their A's concatenated (a rank-sized copy); an adapter with dropout reads its own drop_k(x).
+    std::vector<Tensor> keep;  // the concatenations live until the launch
+    ShrinkBatch sb(m, xa, x);
+    for (int64_t k = 0; k < n_ad;) {
+      int64_t hi = k + 1;
+      if (dropout_p[k] <= 0)
+        while (hi < n_ad && dropout_p[hi] <= 0) ++hi;
+      const Tensor a = hi - k == 1 ? lora_a[k]
+                                   : at::cat(std::vector<Tensor>(lora_a.begin() + k, lora_a.begin() + hi), 0);
+      if (hi - k > 1) keep.push_back(a);
+      sb.add(x, a, a.stride(0), a.stride(1), offs[hi] - offs[k], offs[k], 1.0, drop(dropout_p[k], keys[k]));
+      k = hi;
+    }
+    sb.flush();
   }
   std::vector<Tensor> ys;
   for (int64_t li = 0; li < static_cast<int64_t>(weights.size()); ++li) {
     const Tensor& w = weights[li];
-    std::vector<int64_t> ks;
-    std::vector<Tensor> cols;
-    for (const auto& run_ : p.by_layer) {
-      if (layer[run_.first] != li || p.offs[run_.second] == p.offs[run_.first]) continue;
-      cols.push_back(xa.narrow(1, p.offs[run_.first], p.offs[run_.second] - p.offs[run_.first]));
-      for (int64_t k = run_.first; k < run_.second; ++k) ks.push_back(k);
-    }
-    Tensor y = at::empty({m, w.size(0)}, x.options());
-    LoraGemm g;
-    g.m = m; g.q = w.size(0); g.nseg = 1;
-    g.seg[0].a = opnd(x, k_in, 1); g.seg[0].b = opnd(w, 1, k_in); g.seg[0].k = k_in;
-    Tensor xa_l, b_cat, scale;
-    if (!ks.empty()) {  // second segment: (xa * s) B^T, accumulated into the same tile
-      xa_l = cols.size() == 1 ? cols[0] : at::cat(cols, 1);
-      std::vector<Tensor> bs;
-      for (int64_t k : ks) bs.push_back(lora_b[k]);
-      b_cat = bs.size() == 1 ? bs[0] : at::cat(bs, 1);
-      scale = colscale(lora_a, scaling, ks, x);
-      g.nseg = 2;
-      g.seg[1].a = opnd(xa_l, xa_l.stride(0), 1); g.seg[1].b = opnd(b_cat, 1, b_cat.size(1));
-      g.seg[1].k = xa_l.size(1); g.seg[1].a_colscale = scale.data_ptr<float>();
-    }
+    const Tensor* bias = nullptr;
     for (size_t i = 0; i < bias_layer.size(); ++i)
-      if (bias_layer[i] == li) g.bias = biases[i].data_ptr();
-    g.c = y.data_ptr(); g.ldc = w.size(0);
-    run(g, x);
+      if (bias_layer[i] == li) bias = &biases[i];
+    // cuBLAS: the frozen GEMM (and the bias) into the output buffer
+    Tensor y = bias != nullptr ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+    // expand: y += s_k xa_k B_k^T in place, this layer's adapters in one launch (B_k (j, q) at q r + j)
+    ExpandBatch eb(xa, y, x);
+    for (int64_t k = 0; k < n_ad; ++k)
+      if (layer[k] == li)
+        eb.add(lora_b[k], lora_b[k].stride(1), lora_b[k].stride(0), lora_a[k].size(0), offs[k], scaling[k],
+               LoraDrop{});
+    eb.flush();
     ys.push_back(y);
   }
   return {ys, xa};
 }
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> lora_linear_bwd(
-    at::TensorList dys, const Tensor& x, at::TensorList weights, at::TensorList lora_a, at::TensorList lora_b,
-    const Tensor& xa, at::IntArrayRef layer, at::ArrayRef<double> scaling, at::ArrayRef<double> dropout_p,
+    at::TensorList dys_in, const Tensor& x_in, at::TensorList weights, at::TensorList lora_a,
+    at::TensorList lora_b, const Tensor& xa, at::IntArrayRef layer, at::ArrayRef<double> scaling, at::ArrayRef<double> dropout_p,
     at::IntArrayRef keys, bool need_dx, bool need_da, bool need_db) {
-  FK_LORA_GUARD(x);
+  FK_LORA_GUARD(x_in);
+  dtype_of(x_in);
+  const Tensor x = x_in.contiguous();
+  std::vector<Tensor> dys;  // the kernels read rows of dy: contiguous copies where the caller's are not
+  for (const Tensor& dy : dys_in) dys.push_back(dy.contiguous());
   const int64_t m = x.size(0), k_in = x.size(1), n_ad = static_cast<int64_t>(lora_a.size());
-  const Plan p = plan(lora_a, layer, dropout_p);
-  const int64_t r_all = p.offs[n_ad];
+  const std::vector<int64_t> offs = offsets(lora_a);
   const Tensor empty = at::empty({0}, x.options());
   std::vector<Tensor> d_a(n_ad, empty), d_b(n_ad, empty);
   Tensor dx = empty;
-  if (need_db) {  // dB = s * dy^T xa, per run of adjacent adapters of one layer
-    for (const auto& run_ : p.by_layer) {
-      const Tensor& dy = dys[layer[run_.first]];
-      const int64_t r = p.offs[run_.second] - p.offs[run_.first], n = dy.size(1);
-      Tensor out = at::empty({n, r}, x.options());
-      const Tensor scale = colscale(lora_a, scaling, range(run_.first, run_.second), x);
-      LoraGemm g;
-      g.m = n; g.q = r; g.nseg = 1;
-      g.seg[0].a = opnd(dy, 1, n); g.seg[0].b = opnd(xa.narrow(1, p.offs[run_.first], r), r_all, 1);
-      g.seg[0].k = m; g.out_colscale = scale.data_ptr<float>();
-      g.c = out.data_ptr(); g.ldc = r;
-      if (m == 0) out.zero_(); else run(g, x);
-      for (int64_t k = run_.first; k < run_.second; ++k)
-        d_b[k] = run_.second - run_.first == 1 ? out
-                 // a copy, never a view of out: with one output row the slice is contiguous already
-                 : out.narrow(1, p.offs[k] - p.offs[run_.first], lora_a[k].size(0)).clone(at::MemoryFormat::Contiguous);
-    }
+  if (need_db) {  // dB_k = s_k dy^T xa_k: the inner dimension is M, a cuBLAS GEMM (then the scalar scaling)
+    for (int64_t k = 0; k < n_ad; ++k)
+      d_b[k] = at::mm(dys[layer[k]].t(), xa.narrow(1, offs[k], lora_a[k].size(0))).mul_(scaling[k]);
   }
   if (!(need_dx || need_da)) return {dx, d_a, d_b};
-  Tensor gbuf = at::empty({m, r_all}, x.options());  // g = s * dy B, the scaled rank-r products
-  for (const auto& run_ : p.by_layer) {
-    const int64_t r = p.offs[run_.second] - p.offs[run_.first];
-    if (r == 0) continue;
-    const Tensor& dy = dys[layer[run_.first]];
-    const Tensor b_cat = cat(lora_b, run_.first, run_.second, 1);
-    const Tensor scale = colscale(lora_a, scaling, range(run_.first, run_.second), x);
-    LoraGemm g;
-    g.m = m; g.q = r; g.nseg = 1;
-    g.seg[0].a = opnd(dy, dy.size(1), 1); g.seg[0].b = opnd(b_cat, r, 1); g.seg[0].k = dy.size(1);
-    g.out_colscale = scale.data_ptr<float>();
-    g.c = gbuf.narrow(1, p.offs[run_.first], r).data_ptr(); g.ldc = r_all;
-    run(g, x);
-  }
-  if (need_da) {  // dA = g^T drop(x)
-    for (int64_t k = 0; k < n_ad; ++k) d_a[k] = at::empty_like(lora_a[k]);
-    auto da_gemm = [&](int64_t lo, int64_t hi, const Tensor& out, const LoraDrop* d) {
-      LoraGemm g;
-      g.m = out.size(0); g.q = k_in; g.nseg = 1;
-      g.seg[0].a = opnd(gbuf.narrow(1, p.offs[lo], p.offs[hi] - p.offs[lo]), 1, r_all);
-      g.seg[0].b = opnd(x, k_in, 1); g.seg[0].k = m;
-      if (d != nullptr) g.seg[0].b_drop = *d;
-      g.c = out.data_ptr(); g.ldc = k_in;
-      if (m == 0) out.zero_(); else run(g, x);
-    };
-    for (const auto& run_ : p.plain) {
-      Tensor out = at::empty({p.offs[run_.second] - p.offs[run_.first], k_in}, x.options());
-      da_gemm(run_.first, run_.second, out, nullptr);
-      for (int64_t k = run_.first; k < run_.second; ++k)
-        d_a[k] = run_.second - run_.first == 1 ? out
-                 : out.narrow(0, p.offs[k] - p.offs[run_.first], lora_a[k].size(0)).clone();
-    }
+  // shrink: g = [s_1 dy B_1 | ...] (each adapter reads its own layer's dy; B_k (j, n) at n r + j)
+  Tensor gbuf = at::empty({m, offs[n_ad]}, x.options());
+  {
+    ShrinkBatch sb(m, gbuf, x);
     for (int64_t k = 0; k < n_ad; ++k) {
-      if (dropout_p[k] <= 0) continue;
-      const LoraDrop d = drop(dropout_p[k], keys[k]);
-      da_gemm(k, k + 1, d_a[k], &d);
+      const Tensor& dy = dys[layer[k]];
+      sb.add(dy, lora_b[k], lora_b[k].stride(1), lora_b[k].stride(0), lora_a[k].size(0), offs[k], scaling[k], LoraDrop{});
+    }
+    sb.flush();
+  }
+  if (need_da) {
+    for (int64_t k = 0; k < n_ad; ++k) {
+      const int64_t r = lora_a[k].size(0);
+      d_a[k] = dropout_p[k] > 0 ? drop_da(gbuf, offs[k], r, x, drop(dropout_p[k], keys[k]))
+                                : at::mm(gbuf.narrow(1, offs[k], r).t(), x);  // cuBLAS (inner dimension M)
     }
   }
-  if (need_dx) {  // dx = sum_l dy_l W_l + [g_plain] [A_plain] in segmented launches, then masked dropout terms
-    dx = at::empty({m, k_in}, x.options());
-    std::vector<LoraSegment> segs;
-    std::vector<Tensor> keep_alive;
-    for (size_t li = 0; li < weights.size(); ++li) {
-      LoraSegment s;
-      s.a = opnd(dys[li], dys[li].size(1), 1); s.b = opnd(weights[li], k_in, 1); s.k = weights[li].size(0);
-      segs.push_back(s);
+  if (need_dx) {
+    // cuBLAS: dx = sum_l dy_l W_l into one buffer
+    if (weights.empty()) {
+      dx = at::zeros({m, k_in}, x.options());
+    } else {
+      dx = at::mm(dys[0], weights[0]);
+      for (size_t li = 1; li < weights.size(); ++li) dx.addmm_(dys[li], weights[li]);
     }
-    for (const auto& run_ : p.plain) {
-      const int64_t r = p.offs[run_.second] - p.offs[run_.first];
-      if (r == 0) continue;
-      keep_alive.push_back(cat(lora_a, run_.first, run_.second, 0));
-      LoraSegment s;
-      s.a = opnd(gbuf.narrow(1, p.offs[run_.first], r), r_all, 1); s.b = opnd(keep_alive.back(), k_in, 1); s.k = r;
-      segs.push_back(s);
-    }
-    for (size_t i = 0; i < segs.size(); i += kLoraMaxSegments) {
-      LoraGemm g;
-      g.m = m; g.q = k_in; g.accumulate = i > 0;
-      for (size_t j = i; j < segs.size() && j < i + kLoraMaxSegments; ++j) g.seg[g.nseg++] = segs[j];
-      g.c = dx.data_ptr(); g.ldc = k_in;
-      run(g, x);
-    }
-    for (int64_t k = 0; k < n_ad; ++k) {
-      if (dropout_p[k] <= 0 || lora_a[k].size(0) == 0) continue;
-      LoraGemm g;
-      g.m = m; g.q = k_in; g.nseg = 1; g.accumulate = 1;
-      g.seg[0].a = opnd(gbuf.narrow(1, p.offs[k], lora_a[k].size(0)), r_all, 1);
-      g.seg[0].b = opnd(lora_a[k], k_in, 1); g.seg[0].k = lora_a[k].size(0);
-      g.out_drop = drop(dropout_p[k], keys[k]);
-      g.c = dx.data_ptr(); g.ldc = k_in;
-      run(g, x);
-    }
+    // expand: dx += sum_k drop_k(g_k A_k) in place, every adapter in one launch (A_k (j, c) at j K + c)
+    ExpandBatch eb(gbuf, dx, x);
+    for (int64_t k = 0; k < n_ad; ++k)
+      eb.add(lora_a[k], lora_a[k].stride(0), lora_a[k].stride(1), lora_a[k].size(0), offs[k], 1.0, drop(dropout_p[k], keys[k]));
+    eb.flush();
   }
   return {dx, d_a, d_b};
 }
@@ -270,7 +246,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> lora_linear_bwd(
 }  // namespace cuda
 }  // namespace forgetkern
 
-TORCH_LIBRARY_FRAGMENT(forgetkern_cuda, m) {
+TORCH_LIBRARY_FRAGMENT(FK_LORA_NS, m) {
   m.def("lora_linear_fwd(Tensor x, Tensor[] weights, Tensor[] biases, int[] bias_layer, Tensor[] lora_a, "
         "Tensor[] lora_b, int[] layer, float[] scaling, float[] dropout_p, int[] keys) -> (Tensor[], Tensor)");
   m.def("lora_linear_bwd(Tensor[] dys, Tensor x, Tensor[] weights, Tensor[] lora_a, Tensor[] lora_b, Tensor xa, "
@@ -278,7 +254,7 @@ TORCH_LIBRARY_FRAGMENT(forgetkern_cuda, m) {
         "-> (Tensor, Tensor[], Tensor[])");
 }
 
-TORCH_LIBRARY_IMPL(forgetkern_cuda, FK_LORA_KEY, m) {
+TORCH_LIBRARY_IMPL(FK_LORA_NS, FK_LORA_KEY, m) {
   m.impl("lora_linear_fwd", &forgetkern::cuda::lora_linear_fwd);
   m.impl("lora_linear_bwd", &forgetkern::cuda::lora_linear_bwd);
 }

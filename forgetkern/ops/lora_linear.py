@@ -32,6 +32,12 @@ the custom ops below serve ``torch.compile``, tracing and the GPU backends.
 active dropout compute ``x [A_q | A_k | A_v]^T`` in ONE GEMM and their ``dx`` contributions
 ``[g_q | g_k | g_v] [A_q; A_k; A_v]`` in ONE GEMM. An adapter with active dropout gets its own GEMMs:
 independent dropout masks make the inputs ``drop_q(x)``, ``drop_k(x)`` differ, so nothing can be shared.
+
+On CUDA tensors: ``triton`` (the ``auto`` choice) fuses the frozen GEMM and the LoRA branch in one kernel;
+``cuda`` (``csrc/cuda/lora_linear.{cpp,cu}``) follows punica / S-LoRA: cuBLAS computes ``x W^T + b`` (and
+``dy W``) into the output buffer, then rank-r kernels do the rest, every adapter in one launch: shrink
+``xa = [drop_1(x) A_1^T | ...]`` (and ``g = [s_1 dy B_1 | ...]``), expand ``y += sum s_k xa_k B_k^T`` (and
+``dx += sum drop_k(g_k A_k)``) in place, and the dropout-masked ``dA``; masks hashed in the kernels.
 """
 
 from __future__ import annotations
@@ -69,7 +75,8 @@ def _supported(x: Tensor) -> tuple:
 
 
 def _impl_name(x: Tensor) -> str:
-    # auto on CUDA prefers the Triton kernels over the CUDA C++ GEMM (forgetkern._backend._AUTO_ORDER_BY_OP)
+    # auto on CUDA prefers the Triton kernels over the CUDA C++ backend (cuBLAS + rank-r kernels; see
+    # forgetkern._backend._AUTO_ORDER_BY_OP)
     return _backend.resolve(OP, x.device, supported=_supported(x))
 
 

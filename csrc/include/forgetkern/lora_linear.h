@@ -60,48 +60,79 @@ FK_INLINE float lora_drop_apply(const LoraDrop& d, float v, uint32_t row, uint32
   return lora_drop_value(lora_keep(lora_row_hash(d.key, row), col, d.threshold), v, d.scale);
 }
 
-// ---- launcher ABI: one segmented GEMM ---------------------------------------------------------------------
-// C[M, Q] = (accumulate ? C : 0) + epi( sum_s opA_s[M, K_s] @ opB_s[K_s, Q] )
-// Operand element (i, k) lives at ptr + i * s0 + k * s1 (elements, any strides). Segment options:
-//   a_colscale[k]: opA(i, k) * a_colscale[k] (fp32), the LoRA scaling on xa columns in the forward;
-//   a_drop: dropout on opA(i, k) = x(row_base + i, k);  b_drop: on opB(k, q) = x(k, q).
-// Epilogue, in fp32 on the accumulator: * out_colscale[q], + bias[q], then out_drop on (row_base + i, q),
-// then + C (accumulate), rounded once to the storage dtype.
-struct LoraOperand {
-  const void* ptr = nullptr;
-  int64_t s0 = 0, s1 = 0;
+// ---- launcher ABI: the rank-r kernels of the CUDA backend (csrc/cuda/lora_linear.cu) -----------------------
+// The big frozen GEMMs (x W^T + b in the forward, dy W in the backward) are cuBLAS calls made by the glue
+// (csrc/cuda/lora_linear.cpp, through ATen); these kernels do only the rank-r work, punica/S-LoRA style:
+// "shrink" (a [M, r] product for many adapters in one launch), "expand" (a rank-r update added in place into the
+// cuBLAS output) and the dropout-masked dA product. Dropout masks are regenerated from (key, row, col) inside the
+// kernels, never stored. Scalings and dropout parameters travel in these structs (kernel arguments): no host to
+// device copy per call. Elements are addressed as ptr + i * stride0 + j * stride1 (element strides); every
+// product accumulates in fp32 and is rounded once to the storage dtype.
+constexpr int kLoraMaxItems = 16;  // work items per launch (the glue launches again for more)
+constexpr int kLoraShrinkRank = 64;  // a shrink item covers at most this many ranks (the glue splits larger ones)
+
+// shrink, per item t: out[i, out_col + j] = scale * sum_c op(in)[i, c] * w(j, c)   (i < m, j < rank, c < k)
+//   op(in) = drop(in) rounded to storage (as the reference rounds drop(x) before its GEMM) if drop.enabled.
+//   forward xa: in = x, w = A_k (j, c) at j * K + c, scale 1, drop_k;
+//   backward g: in = dy of adapter k's layer, w = B_k (j, n) at n * r + j, scale s_k, no dropout.
+struct LoraShrinkItem {
+  const void* in = nullptr;
+  int64_t ld_in = 0, k = 0;
+  const void* w = nullptr;
+  int64_t w_sj = 0, w_sc = 0;
+  int32_t rank = 0, out_col = 0;
+  float scale = 1.0f;
+  LoraDrop drop;
 };
 
-struct LoraSegment {
-  LoraOperand a, b;
-  int64_t k = 0;
-  const float* a_colscale = nullptr;
-  LoraDrop a_drop, b_drop;
+struct LoraShrink {
+  int64_t m = 0;
+  void* out = nullptr;
+  int64_t ld_out = 0;
+  int32_t n = 0;
+  LoraShrinkItem item[kLoraMaxItems];
 };
 
-constexpr int kLoraMaxSegments = 6;
+// expand: out[i, q] = out[i, q] + sum_t drop_t(scale_t * sum_j in[i, in_col_t + j] * w_t(j, q))   (q < qn)
+//   drop_t (if enabled) on the output element (i, q): the dx term of an adapter with dropout.
+//   forward y += s_k xa_k B_k^T: w = B_k (j, q) at q * r + j; backward dx += drop_k(g_k A_k): w = A_k at j * K + q.
+struct LoraExpandItem {
+  const void* w = nullptr;
+  int64_t w_sj = 0, w_sq = 0;
+  int32_t rank = 0, in_col = 0;
+  float scale = 1.0f;
+  LoraDrop drop;
+};
 
-struct LoraGemm {
+struct LoraExpand {
   int64_t m = 0, q = 0;
-  int32_t nseg = 0;
-  LoraSegment seg[kLoraMaxSegments];
-  void* c = nullptr;
-  int64_t ldc = 0;
-  const void* bias = nullptr;          // [Q], storage dtype
-  const float* out_colscale = nullptr; // [Q]
-  LoraDrop out_drop;
-  int32_t accumulate = 0;
+  const void* in = nullptr;
+  int64_t ld_in = 0;
+  void* out = nullptr;
+  int64_t ld_out = 0;
+  int32_t n = 0;
+  LoraExpandItem item[kLoraMaxItems];
 };
 
-// Epilogue on one fp32 accumulator value (shared by the CUDA kernels and testable on the host).
-FK_INLINE float lora_epilogue(float acc, float colscale, float bias, const LoraDrop& out_drop, uint32_t row,
-                              uint32_t col, float old) {
-  float v = fk_add(fk_mul(acc, colscale), bias);
-  if (out_drop.enabled) v = lora_drop_apply(out_drop, v, row, col);
-  return fk_add(v, old);
-}
+// dA of an adapter with dropout, split over row ranges: ws[s, j, c] = sum_{i in rows of split s}
+// g[i, g_col + j] * drop(x)[i, c] (fp32 workspace [splits, rank, k]; drop(x) rounded to storage), rows of split
+// s: [s * rows_per_split, min(m, (s + 1) * rows_per_split)). The glue sums the splits in a fixed order.
+struct LoraDropTGemm {
+  int64_t m = 0, k = 0;
+  const void* g = nullptr;
+  int64_t ld_g = 0;
+  int32_t g_col = 0, rank = 0;
+  const void* x = nullptr;
+  int64_t ld_x = 0;
+  LoraDrop drop;
+  float* ws = nullptr;
+  int32_t splits = 1;
+  int64_t rows_per_split = 0;
+};
 
-// Launches the GEMM on `stream` (a cudaStream_t). Returns 0 on success, else a cudaError_t value.
-int lora_gemm_launch(const LoraGemm& g, DType dtype, void* stream);
+// Launch on `stream` (a cudaStream_t). Return 0 on success, else a cudaError_t value.
+int lora_shrink_launch(const LoraShrink& p, DType dtype, void* stream);
+int lora_expand_launch(const LoraExpand& p, DType dtype, void* stream);
+int lora_drop_tgemm_launch(const LoraDropTGemm& p, DType dtype, void* stream);
 
 }  // namespace forgetkern
