@@ -14,6 +14,11 @@ Public API (optional dependencies such as triton, transformers and peft are impo
     forgetkern.LwF(peft_model, alpha=, temperature=).loss(batch)            # LwF, teacher = adapters disabled
     forgetkern.ewc_delta_w(As, Bs, fishers, scaling=, lam=)                 # EWC of LoRA updates s B A
     forgetkern.ewc_delta_w_and_grad_(As, Bs, fishers, scaling=, lam=, grads_a=, grads_b=)
+    forgetkern.optim.AdamW(params, lr=, ewc=ewc)                           # AdamW with the EWC gradient fused in
+    forgetkern.adamw_ewc_(params, grads, exp_avgs, exp_avg_sqs, ..., lam=)  # the op behind it
+    forgetkern.olora_loss(past_A, cur_A, norm="l1" | "fro2")               # O-LoRA orthogonality loss, all layers
+    forgetkern.project_out_(tensors, bases, side="left" | "right")          # X -= U U^T X / X V V^T, all layers
+    forgetkern.OLoRA / OPLoRA / GPM(peft_model, ...)                        # .loss() / .project_() / .new_task()
     forgetkern.use_backend("torch" | "cpp" | "cuda" | "triton" | "auto")    # context manager
 
 Measuring forgetting: ``forgetkern.eval`` (perplexity, multiple choice, BWT, ``ForgettingReport``), data helpers
@@ -71,14 +76,11 @@ __all__ = [
     "LwF",
     "ewc_delta_w",
     "ewc_delta_w_and_grad_",
-<<<<<<< HEAD
     "olora_loss",
     "project_out_",
     "OLoRA",
     "OPLoRA",
     "GPM",
-=======
     "adamw_ewc_",
     "optim",
->>>>>>> optim
 ]
