@@ -61,6 +61,7 @@ SUMMARY = [("time ms [p20, p80]", "time"), ("GB/s", "bandwidth"), ("copy frac", 
            ("x avalanche", "speedup_vs_avalanche"), ("x loop", "speedup_vs_loop"),
            ("x foreach", "speedup_vs_foreach")]
 NOTES = {"forgetkern-torch": "pure-PyTorch reference fallback"}
+PEERS = ("avalanche-loop", "torch-foreach", "python-loop", "torch-foreach-addcmul")   # baselines (benchmarks/run.py)
 MEMORY_COLUMNS = {"cuda": [("peak MB", "peak_mem:cuda_alloc")],
                   "cpu": [("peak MB", "peak_mem:torch_alloc"), ("RSS+ MB", "peak_mem:rss_hwm")]}
 
@@ -335,6 +336,14 @@ def bench_fisher(res, args, device, state, backends, probe, size):
         ratio(res, FISHER, mode, prov, "python-loop", "speedup_vs_loop", size,
               GOALS["speedup_vs_loop"] if b != "torch" else None, note)
         ratio(res, FISHER, mode, prov, "torch-foreach-addcmul", "speedup_vs_foreach", size, None, note)
+
+
+def runner_argv(quick: bool, device: str) -> list:
+    """Arguments for ``benchmarks/run.py``: ``quick`` = 1 M parameters, 3 repeats, a 16 MiB copy probe."""
+    base = ["--device", device]
+    if quick:
+        return base + ["--params", "1e6", "--repeat", "3", "--copy-mb", "16", "--budget-s", "1"]
+    return base
 
 
 def parse_args(argv=None):

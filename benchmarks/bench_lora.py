@@ -66,6 +66,16 @@ SHAPES = {"smollm2": [("q_proj/o_proj", 576, 576), ("k_proj/v_proj", 576, 192), 
           "llama7b": [("attn 4096x4096", 4096, 4096), ("mlp 4096->11008", 4096, 11008)],
           "tiny": [("per-call overhead", 64, 64)]}
 MODES = ("fwd", "bwd", "fwd+bwd")
+PEERS = ("peft",)   # baselines (benchmarks/run.py); frozen-linear / frozen-base are lower bounds, not peers
+
+
+def runner_argv(quick: bool, device: str) -> list:
+    """Arguments for ``benchmarks/run.py`` (CPU only). The bytes part needs the Triton interpreter from the start
+    of the process: the runner gets it from :func:`modelled_rows` in a child process instead. ``quick``: layer
+    level, the tiny and SmolLM2 shapes at 128 tokens, 3 rounds."""
+    if quick:
+        return ["--part", "layer", "--shapes", "tiny,smollm2", "--tokens", "128", "--rounds", "3"]
+    return ["--part", "layer,model"]
 T0 = time.perf_counter()
 
 
