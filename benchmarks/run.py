@@ -352,19 +352,19 @@ def modelled_table(rows: list) -> list:
              "are counted in the Triton interpreter (and equal to the analytic model used at this size); a "
              "peer's are the minimum its sequence of torch ops must move (each op reads its inputs and writes "
              "its output once). No GPU ran these.", "",
-             "| op | size | provider | modelled bytes (MB) | modelled H100 time (us) | peer time / forgetkern "
-             "time |", "|---|---:|---|---:|---:|---:|"]
+             "| op | size | provider | mode | modelled bytes (MB) | modelled H100 time (us) | peer time / "
+             "forgetkern time |", "|---|---:|---|---|---:|---:|---:|"]
     by: dict = {}
     for r in rows:
-        by.setdefault((r["op"], r["size"]), {}).setdefault(r["provider"], {})[r["metric"]] = r["median"]
+        by.setdefault((r["op"], r["size"]), {}).setdefault((r["provider"], r["mode"]), {})[r["metric"]] = r["median"]
     for (op, size), provs in by.items():
-        fk = [p for p in provs if is_forgetkern(p)]
+        fk = [k for k in provs if is_forgetkern(k[0])]
         t_fk = provs[fk[0]].get("modelled_h100_time") if fk else None
-        for prov, m in provs.items():
+        for (prov, mode), m in provs.items():
             t = m.get("modelled_h100_time")
-            rel = "" if is_forgetkern(prov) or not t_fk else _cell(t / t_fk)
-            lines.append(f"| {_md_escape(op)} | {size:,} | {prov} | {_cell(m.get('modelled_bytes'))} | "
-                         f"{_cell(t)} | {rel} |")
+            rel = "" if is_forgetkern(prov) or not t_fk or t is None else _cell(t / t_fk)
+            lines.append(f"| {_md_escape(op)} | {size:,} | {prov} | {_md_escape(mode)} | "
+                         f"{_cell(m.get('modelled_bytes'))} | {_cell(t)} | {rel} |")
     return lines + [""]
 
 

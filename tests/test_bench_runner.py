@@ -152,3 +152,40 @@ def test_every_benchmark_offers_the_runner_interface():
             assert all(isinstance(a, str) for a in argv) and "--out" not in argv, (name, argv)
         assert runner.peers_of(mod), f"bench_{name}.py: declare PEERS (its baseline providers)"
     assert {"ewc", "fisher", "lora"} <= set(runner.discover())
+
+
+def test_modelled_rows_are_labelled_and_summarised_apart(tmp_path):
+    import _common as bc
+
+    assert bc.roofline_us(3.0e12) == pytest.approx(1e6)                       # 3 TB at 3 TB/s: one second
+    assert bc.roofline_us(1.0, 800e12) == pytest.approx(1e6)                  # compute-bound
+    rows = (bc.modelled_rows("toy_op", "forgetkern-triton", "fp32", 1000, 20e6)
+            + bc.modelled_rows("toy_op", "peer-a", "fp32", 1000, 68e6))
+    assert all("modelled" in r.mode and r.note.startswith("modelled, not measured") for r in rows)
+    doc = {"benchmark": "modelled_gpu", "meta": bc.machine_info("cpu"), "notes": [],
+           "rows": [__import__("dataclasses").asdict(r) for r in rows]}
+    runner.append_history(tmp_path, "r1", True, [runner.BenchRun("modelled_gpu", [], True, 0.0, [doc])])
+    text = runner.write_summary(tmp_path).read_text()
+    assert "**Modelled, not measured**" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| toy_op") and "peer-a" in ln)
+    assert line.rstrip(" |").endswith("3.4")                                  # 68 MB / 20 MB, both bandwidth-bound
+    assert "| toy_op | modelled" not in text.split("**Modelled")[0]           # not in the measured ratio table
+
+
+def test_gpu_script_plans_without_a_gpu(capsys, tmp_path):
+    import gpu
+
+    files = gpu.op_test_files()
+    assert "tests/test_ewc_penalty.py" in files and "tests/test_fisher_accumulate.py" in files
+    assert all((ROOT / f).is_file() for f in files)
+    assert gpu.test_env({"TRITON_INTERPRET": "1"}) == {"TRITON_INTERPRET": "0", "FORGETKERN_TEST_DEVICE": "cuda"}
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2"/>'
+                   '<testsuite tests="3" failures="0" errors="1" skipped="0"/></testsuites>')
+    assert gpu.junit_counts(xml) == {"tests": 8, "failures": 1, "errors": 1, "skipped": 2}
+    assert gpu.main(["--plan", "--quick"]) == 0
+    assert "tests/test_ewc_penalty.py" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert gpu.main(["--quick", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit, match="--only"):
+        gpu.main(["--only", "nope", "--plan"])
