@@ -19,7 +19,8 @@ only has ``main(argv) -> int`` and an ``--out DIR`` option is run too, at its de
 * ``modelled_rows(quick: bool) -> list[Row]``: modelled (not measured) GPU figures, computed in a separate
   process with ``TRITON_INTERPRET=1`` (``benchmarks/modelled.py``).
 
-Data (``--out``, default ``benchmarks/results/``): each script still writes its latest ``<stem>.csv/.json``;
+Data (``--out``, default ``benchmarks/results/``): each script still writes its latest ``<stem>.csv/.json``
+there (``quick/<stem>.*`` for ``--quick`` runs, so that they never replace a full-size snapshot);
 the runner appends every row of every run, with the run's provenance (forgetkern commit and dirty flag,
 torch/triton/CUDA versions, CPU model, threads, device, date, quick or full), to ``history.csv`` (one line per
 row) and ``history.jsonl`` (one line per benchmark run, with its full metadata). ``SUMMARY.md`` is written from
@@ -40,6 +41,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -135,11 +137,13 @@ def run_one(name: str, path: Path, *, quick: bool, device: str, extra_argv=(), o
         except Exception:  # one failing benchmark must not lose the others' results
             ok, err = False, traceback.format_exc(limit=8)
         docs = []
-        out_dir.mkdir(parents=True, exist_ok=True)
+        dest = out_dir / "quick" if quick else out_dir
+        dest.mkdir(parents=True, exist_ok=True)
         for f in sorted(Path(stage).iterdir()):
             if f.suffix == ".json":
                 docs.append(json.loads(f.read_text()))
-            os.replace(f, out_dir / f.name) if f.is_file() else None
+            if f.is_file():
+                shutil.move(str(f), dest / f.name)
     if ok and not docs:
         ok, err = False, "wrote no <stem>.json (does its main accept --out DIR and call Results.write?)"
     return BenchRun(name, argv, ok, time.perf_counter() - t0, docs, err)
@@ -149,6 +153,7 @@ def run_modelled(names: list, *, quick: bool, out_dir: Path, timeout_s: float = 
     """The modelled-GPU rows of ``names`` (those with ``modelled_rows``), in a child process (interpreter)."""
     t0 = time.perf_counter()
     env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out_dir = out_dir / "quick" if quick else out_dir
     cmd = [sys.executable, str(BENCH_DIR / "modelled.py"), "--out", str(out_dir), "--only", ",".join(names)]
     if quick:
         cmd.append("--quick")

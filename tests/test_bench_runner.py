@@ -87,13 +87,14 @@ def test_runner_discovers_runs_appends_history_and_summarises(bench_dir, tmp_pat
     for field in ("commit", "torch", "triton", "cpu_model", "torch_threads", "date", "device_name"):
         assert all(r[field] not in ("", None) for r in rows), field
     assert rows[0]["torch"] == torch.__version__
-    assert (out / "bench_toy.json").exists() and (out / "bench_toy.csv").exists()
+    assert (out / "quick" / "bench_toy.json").exists() and not (out / "bench_toy.json").exists()
 
     # a second (full) run of the toy only is appended; the summary shows its latest run, ratios vs PEERS only
     assert runner.main(base + ["--only", "toy", "--no-plot"]) == 0
     rows = _history(out)
     runs = sorted({r["run_id"] for r in rows})
     assert len(runs) == 2 and {int(r["size"]) for r in rows if r["quick"] == "False"} == {10, 100, 1000}
+    assert (out / "bench_toy.json").exists() and (out / "bench_toy.csv").exists()          # full: the snapshot
     jl = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [d["quick"] for d in jl] == [True, False] and jl[1]["meta"]["torch"] == torch.__version__
     summary = (out / "SUMMARY.md").read_text()
