@@ -354,9 +354,10 @@ def modelled_table(rows: list) -> list:
     """The modelled-GPU rows as a table: per (op, size) the roofline time of forgetkern and of each peer."""
     lines = ["**Modelled, not measured**: roofline time on an H100 SXM from bytes moved (3.0 TB/s) and "
              "matmul FLOPs (800 TFLOP/s bf16): max(bytes / 3.0 TB/s, FLOPs / 800 TFLOP/s). forgetkern's bytes "
-             "are counted in the Triton interpreter (and equal to the analytic model used at this size); a "
-             "peer's are the minimum its sequence of torch ops must move (each op reads its inputs and writes "
-             "its output once). No GPU ran these.", "",
+             "come from its Triton kernel's loads and stores counted in the interpreter on a smaller problem, "
+             "extended to this size by the kernel's byte model once that model matched the count (each row's "
+             "note says how); a peer's are the minimum its sequence of torch ops must move (each op reads its "
+             "inputs and writes its output once). Launch latency is not modelled. No GPU ran these.", "",
              "| op | size | provider | mode | modelled bytes (MB) | modelled H100 time (us) | peer time / "
              "forgetkern time |", "|---|---:|---|---|---:|---:|---:|"]
     by: dict = {}
@@ -411,6 +412,7 @@ def write_plots(out_dir: Path) -> list:
         for ax, kind, ylabel in ((axes[0][0], "time", "time per call (ms, median; bars p20-p80)"),
                                  (axes[0][1], "memory", "peak extra memory (MB)")):
             series = kinds.get(kind, {})
+            ax.set_prop_cycle(color=plt.cm.tab20.colors)
             for label, pts in sorted(series.items()):
                 pts.sort()
                 xs = [p[0] for p in pts]
