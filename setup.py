@@ -18,6 +18,9 @@ Environment:
   NVCC_THREADS           nvcc --threads (archs compiled in parallel inside one nvcc), default 2
   FORGETKERN_DEBUG       1: keep debug info (-g, nvcc -lineinfo)
   CUDA_HOME              CUDA toolkit root (default: found from nvcc)
+  FORGETKERN_LOCAL_VERSION  the version's local part: "auto" (default: +cuXYZ for a CUDA build, none for a
+                         CPU-only one), "torch" (+cuXYZtorchM.N / +cputorchM.N: the release wheels of
+                         scripts/build_wheels.py, which keeps cu12x/cu13x and torch versions apart), "none"
 """
 
 from __future__ import annotations
@@ -117,8 +120,26 @@ def cuda_tag() -> str:
     return "cu" + torch.version.cuda.replace(".", "")
 
 
+def torch_tag() -> str:
+    """``torchM.N`` of the torch compiled against (its C++ ABI changes between minor versions)."""
+    major, minor = re.match(r"(\d+)\.(\d+)", torch.__version__).groups()
+    return f"torch{major}.{minor}"
+
+
+def local_version() -> str:
+    mode = os.environ.get("FORGETKERN_LOCAL_VERSION", "auto").strip().lower() or "auto"
+    if mode == "auto":
+        return cuda_tag() if BUILD_CUDA else ""
+    if mode == "torch":
+        return (cuda_tag() if BUILD_CUDA else "cpu") + torch_tag()
+    if mode == "none":
+        return ""
+    raise RuntimeError(f"FORGETKERN_LOCAL_VERSION must be auto, torch or none, got {mode!r}")
+
+
 def package_version() -> str:
-    return base_version() + (f"+{cuda_tag()}" if BUILD_CUDA else "")
+    local = local_version()
+    return base_version() + (f"+{local}" if local else "")
 
 
 def _first_line(cmd: list) -> str | None:
@@ -231,6 +252,13 @@ class BuildExt(BuildExtension):
             self.build_temp = temp
 
     def run(self):
+        if getattr(self, "editable_mode", False):
+            # pip install -e (PEP 660) builds in a throw-away temp folder; keep the objects in the folder that
+            # `setup.py build_ext --inplace` and scripts/build_wheels.py use, so that ninja only recompiles
+            # what changed, in later editable installs and in wheel builds alike.
+            import sysconfig
+
+            self.build_temp = str(ROOT / "build" / f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
         super().run()
         text = json.dumps(build_info(), indent=2, sort_keys=True) + "\n"
         targets = set()

@@ -444,3 +444,28 @@ def print_header(title: str, meta: dict) -> None:
           f"torch threads {meta['torch_threads']} | load avg {meta.get('load_avg_1_5_15')}")
     print(f"   torch {meta['torch']} | triton {meta['triton']} | numpy {meta['numpy']} | "
           f"commit {meta['commit']} | {meta['date']}")
+
+
+# ---------------------------------------------------------------------------------------------- modelled GPU
+
+# Measured H100 SXM ceilings the modelled rows use (not this machine's): device-to-device copy bandwidth
+# (read + write bytes) and dense bf16 matmul throughput.
+H100_COPY_BPS = 3.0e12
+H100_BF16_FLOPS = 800e12
+MODELLED_NOTE = ("modelled, not measured: roofline max(bytes / 3.0 TB/s, matmul FLOPs / 800 TFLOP/s) of an "
+                 "H100 SXM; launch latency and caches not modelled")
+
+
+def roofline_us(nbytes: float, flops: float = 0.0) -> float:
+    """Modelled H100 time (microseconds) of an op moving ``nbytes`` and doing ``flops`` matmul FLOPs."""
+    return max(nbytes / H100_COPY_BPS, flops / H100_BF16_FLOPS) * 1e6
+
+
+def modelled_rows(op: str, provider: str, mode: str, size: int, nbytes: float, flops: float = 0.0,
+                  how: str = "") -> list:
+    """Two rows, ``modelled_bytes`` (MB) and ``modelled_h100_time`` (us), for one provider; the mode and the
+    note say "modelled"."""
+    mode = mode if "modelled" in mode else f"modelled H100 {mode}"
+    note = f"{MODELLED_NOTE}; {how}" if how else MODELLED_NOTE
+    return [Row(op, provider, mode, "modelled_bytes", size, "MB", nbytes / MB, note=note),
+            Row(op, provider, mode, "modelled_h100_time", size, "us", roofline_us(nbytes, flops), note=note)]

@@ -46,6 +46,17 @@ from forgetkern.ops.linear_persample_sq_grad import linear_persample_sq_grad_  #
 SHAPES = {"smollm2": [("q/o_proj 576x576", 576, 576), ("gate/up 576->1536", 576, 1536)],
           "big": [("4096x4096", 4096, 4096)]}
 OP = "linear_persample_sq_grad"
+PEERS = ("vmap", "backpack", "avalanche-batched", "per-sample-loop")   # baselines (benchmarks/run.py)
+
+
+def runner_argv(quick: bool, device: str) -> list:
+    """Arguments for ``benchmarks/run.py`` (CPU only: ``device`` is not used). ``quick``: the SmolLM2 layer shapes
+    at N=2, T=64 and the model part on the tiny Llama."""
+    if quick:
+        return ["--shapes", "smollm2", "--n", "2", "--t", "64", "--repeat", "3", "--budget", "2",
+                "--backpack-mb", "64", "--tiny", "--batches", "1", "--batch", "2", "--seq", "32",
+                "--model-repeat", "2"]
+    return []
 
 
 def log(msg: str) -> None:
@@ -146,6 +157,8 @@ def _compare(res, mode, size, wbytes, x, g, providers, args) -> dict:
         for method, val in mem.items():
             if val is None:
                 continue
+            res.add(bc.Row(OP, prov, mode, f"peak_mem:{method}", size, "MB", val / bc.MB,
+                           note=bc.MEMORY_METHODS[method]))
             row = res.add(bc.Row(OP, prov, mode, f"peak_{method}/weight", size, "x", val / wbytes,
                                  note=f"{val / bc.MB:.1f} MB; weight {wbytes / bc.MB:.1f} MB (fp32)"))
             if prov == "forgetkern":
@@ -247,7 +260,7 @@ def bench_model(res, args) -> None:
         times[prov] = st.median
         res.add(bc.time_row("fisher_estimate", prov, mode, nparams, st))
         mem = bc.peak_memory(fn)
-        res.add(bc.Row("fisher_estimate", prov, mode, "peak_torch_alloc", nparams, "MB",
+        res.add(bc.Row("fisher_estimate", prov, mode, "peak_mem:torch_alloc", nparams, "MB",
                        mem["torch_alloc"] / bc.MB))
         log(f"   {prov:<18} {st.median:9.1f} ms   peak torch_alloc {mem['torch_alloc'] / bc.MB:8.1f} MB")
     res.add(bc.Row("fisher_estimate", "forgetkern-sample", mode, "cost_vs_avalanche", nparams, "x",
@@ -295,7 +308,7 @@ def main(argv=None) -> int:
     print()
     print(res.summary([("time", "time"), ("speedup", "speedup_vs_best_peer"),
                        ("alloc/weight", "peak_torch_alloc/weight"), ("rss/weight", "peak_rss_hwm/weight"),
-                       ("peak MB", "peak_torch_alloc"), ("vs avalanche", "cost_vs_avalanche")]))
+                       ("peak MB", "peak_mem:torch_alloc"), ("vs avalanche", "cost_vs_avalanche")]))
     paths = res.write(args.out)
     print(f"\nwrote {paths[0]} and {paths[1]}")
     return 0

@@ -66,6 +66,16 @@ SHAPES = {"smollm2": [("q_proj/o_proj", 576, 576), ("k_proj/v_proj", 576, 192), 
           "llama7b": [("attn 4096x4096", 4096, 4096), ("mlp 4096->11008", 4096, 11008)],
           "tiny": [("per-call overhead", 64, 64)]}
 MODES = ("fwd", "bwd", "fwd+bwd")
+PEERS = ("peft",)   # baselines (benchmarks/run.py); frozen-linear / frozen-base are lower bounds, not peers
+
+
+def runner_argv(quick: bool, device: str) -> list:
+    """Arguments for ``benchmarks/run.py`` (CPU only). The bytes part needs the Triton interpreter from the start
+    of the process: the runner gets it from :func:`modelled_rows` in a child process instead. ``quick``: layer
+    level, the tiny and SmolLM2 shapes at 128 tokens, 3 rounds."""
+    if quick:
+        return ["--part", "layer", "--shapes", "tiny,smollm2", "--tokens", "128", "--rounds", "3"]
+    return ["--part", "layer,model"]
 T0 = time.perf_counter()
 
 
@@ -343,6 +353,42 @@ def bench_bytes(res: bc.Results, tokens: int) -> None:
                            minimum / peft_min, note="modelled: compulsory bytes, fused / PEFT"))
         log(f"{op}: interpreter {moved.total / bc.MB:.2f} MB (= tile model), minimum {minimum / bc.MB:.2f} MB, "
             f"PEFT modelled {bm.peft_forward_min_bytes(tokens, k, n, r, esz, False, False) / bc.MB:.2f} MB")
+
+
+def modelled_rows(quick: bool) -> list:
+    """Modelled H100 times of the LoRA forward (bf16, one adapter, no bias) on the SmolLM2 shapes at the token
+    count ``runner_argv`` times (128 quick / 2048): forgetkern's Triton forward from its tile model with the
+    sm_90 tiles, after checking in the interpreter that the model equals the counted bytes (at 16 / 64
+    tokens, 32x32 tiles); PEFT from the compulsory bytes of its op-by-op forward, dropout 0 and 0.1. FLOPs of
+    both: 2 m (k n + k r + r n)."""
+    from forgetkern.testing import bytes_moved as bm
+    from forgetkern.triton import lora_linear as tri
+
+    dt, esz, r = torch.bfloat16, 2, RANK
+    count_tokens, tokens = (16, 128) if quick else (64, 2048)
+    g = torch.Generator().manual_seed(0)
+    interp = tri._BIG["interp"][:2] + (tri._SKINNY["interp"][0], 16)
+    sm90 = tri._BIG[("sm90", True)][:2] + (tri._SKINNY[("sm90", True)][0], 16)
+    rows = []
+    for label, k, n in SHAPES["smollm2"]:
+        x, w = torch.randn(count_tokens, k, generator=g).to(dt), torch.randn(n, k, generator=g).to(dt)
+        a, b = torch.randn(r, k, generator=g).to(dt), torch.randn(n, r, generator=g).to(dt)
+        with bm.count_bytes() as moved:
+            tri.lora_linear_fwd(x, [w], [], [], [a], [b], [0], [2.0], [0.0], [0])
+        model = bm.lora_forward_tile_bytes(count_tokens, k, n, r, esz, False, interp)
+        if (moved.loads, moved.stores) != model:
+            raise AssertionError(f"{label}: interpreter bytes {(moved.loads, moved.stores)} != tile model {model}")
+        op, size = f"lora_linear fwd {label} {k}->{n} t={tokens} bf16", tokens * k * n
+        flops = 2 * tokens * (k * n + k * r + r * n)
+        loads, stores = bm.lora_forward_tile_bytes(tokens, k, n, r, esz, False, sm90)
+        rows += bc.modelled_rows(op, "forgetkern-triton", "fwd", size, loads + stores, flops,
+                                 how=f"bytes: tile model with the sm_90 tiles {sm90} (equal to the interpreter "
+                                     f"count at {count_tokens} tokens with its tiles); re-reads counted as DRAM")
+        for p in (0.0, 0.1):
+            rows += bc.modelled_rows(op, "peft", f"fwd dropout={p:g}", size,
+                                     bm.peft_forward_min_bytes(tokens, k, n, r, esz, False, p > 0), flops,
+                                     how="bytes: PEFT's ops, each reading its inputs and writing its output once")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- main

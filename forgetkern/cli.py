@@ -1,4 +1,4 @@
-"""Command line: ``forgetkern env`` and ``forgetkern demo`` (also ``python -m forgetkern ...``)."""
+"""Command line: ``forgetkern env``, ``forgetkern demo`` and ``forgetkern bench`` (also ``python -m forgetkern ...``)."""
 
 from __future__ import annotations
 
@@ -84,8 +84,30 @@ def env_report() -> str:
     return "\n".join(lines)
 
 
+def _bench_main(argv) -> int:
+    """``forgetkern bench``: the suite in ``benchmarks/`` of a source checkout (not shipped in the wheel)."""
+    import importlib.util
+    from pathlib import Path
+
+    candidates = [Path(os.environ["FORGETKERN_BENCH_DIR"])] if os.environ.get("FORGETKERN_BENCH_DIR") else []
+    candidates += [Path(__file__).resolve().parent.parent / "benchmarks", Path.cwd() / "benchmarks"]
+    for d in candidates:
+        if (d / "run.py").is_file():
+            spec = importlib.util.spec_from_file_location("forgetkern_bench_runner", d / "run.py")
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = mod          # dataclasses look their module up there
+            spec.loader.exec_module(mod)
+            return mod.main(argv)
+    print("forgetkern bench needs the benchmarks/ folder of a forgetkern source checkout (it is not part of the "
+          "installed package): run it from the checkout's root, or set FORGETKERN_BENCH_DIR to that folder; "
+          f"looked in {', '.join(str(c) for c in candidates)}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the runner owns its options (forgetkern bench --help)
+        return _bench_main(argv[1:])
     if argv[:1] == ["demo"]:  # the demo owns its options (forgetkern demo --help)
         from forgetkern import demo
 
@@ -95,6 +117,8 @@ def main(argv=None) -> int:
     sub.add_parser("env", help="print versions, what was built, and which backend each op uses per device")
     sub.add_parser("demo", help="fine-tune SmolLM2 on code and measure forgetting for each method "
                                 "(forgetkern demo --help)")
+    sub.add_parser("bench", help="run the benchmark suite of a source checkout; data, SUMMARY.md, plots "
+                                 "(forgetkern bench --help)")
     args = parser.parse_args(argv)
     if args.command == "env":
         print(env_report())
