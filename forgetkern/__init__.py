@@ -38,6 +38,7 @@ from forgetkern.ops.lwf_loss import LwfLoss, lwf_loss
 from forgetkern.ops.lora_linear import LoraAdapter, LoraFisher, lora_linear, lora_linear_siblings
 from forgetkern.patching import PatchReport, is_patched, patch, unpatch
 from forgetkern.training.lwf import LwF
+from forgetkern.merge import merge_lora, merge_models, merge_safetensors, merge_task_vectors, wise_ft
 
 __all__ = [
     "__version__",
@@ -66,4 +67,9 @@ __all__ = [
     "LwF",
     "ewc_delta_w",
     "ewc_delta_w_and_grad_",
+    "merge_task_vectors",
+    "merge_models",
+    "merge_lora",
+    "merge_safetensors",
+    "wise_ft",
 ]

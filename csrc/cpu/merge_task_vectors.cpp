@@ -1,0 +1,202 @@
+// merge_task_vectors on CPU: one pass over the N inputs of every tensor (math in
+// csrc/include/forgetkern/merge_task_vectors.h). OpenMP over a flat list of chunks (kCpuChunk elements of one
+// tensor); inside a chunk, tiles of kTile elements: the base tile is read once, each task's tile once into
+// per-element accumulators that stay in L1, then the tile of the output is written once. Each element's result
+// depends only on its inputs (no reduction across elements), so it is the same for any number of threads and
+// bit-identical to the reference (same IEEE operations in the same order; -ffp-contract=off).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "forgetkern/merge_task_vectors.h"
+#include "multi_tensor_cpu.h"
+
+namespace forgetkern {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTile = 256;
+
+struct MergeParams {
+  int64_t n;             // tasks
+  const double* weights; // N
+  bool subtract_base;
+  bool sign_weighted;
+  int normalize;
+  int32_t drop_threshold;
+  double scale;          // DARE rescale factor (1 when not rescaling)
+  double lin_div;        // divisor without election
+  double lam;
+};
+
+struct MergeJob {
+  const void* base;
+  const void* const* inputs;  // N pointers
+  void* out;
+  const void* thr;            // N thresholds (compute type), or null
+  const uint32_t* keys;       // N keys, or null
+  uint64_t offset;
+};
+
+using MergeChunkFn = void (*)(const MergeParams& prm, const MergeJob& job, int64_t begin, int64_t end);
+
+template <int PRUNE, int CONSENSUS, typename B, typename X>
+void merge_chunk(const MergeParams& prm, const MergeJob& job, int64_t begin, int64_t end) {
+  using C = typename std::conditional<std::is_same<B, double>::value || std::is_same<X, double>::value, double,
+                                      float>::type;
+  const B* base = static_cast<const B*>(job.base);
+  B* out = static_cast<B*>(job.out);
+  const C lam = static_cast<C>(prm.lam);
+  const C lin_div = static_cast<C>(prm.lin_div);
+  const C scale = static_cast<C>(prm.scale);
+  alignas(64) C bt[kTile];
+  MergeAcc<C> acc[kTile];
+  for (int64_t b0 = begin; b0 < end; b0 += kTile) {
+    const int64_t m = end - b0 < kTile ? end - b0 : kTile;
+    for (int64_t j = 0; j < m; ++j) {
+      bt[j] = load_as<C>(base[b0 + j]);
+      merge_acc_init(acc[j]);
+    }
+    for (int64_t k = 0; k < prm.n; ++k) {
+      const X* x = static_cast<const X*>(job.inputs[k]) + b0;
+      const C w = static_cast<C>(prm.weights[k]);
+      const C thr = PRUNE == kMergePruneMagnitude ? static_cast<const C*>(job.thr)[k] : C(0);
+      const uint32_t key = PRUNE == kMergePruneRandom ? job.keys[k] : 0u;
+      const uint64_t i0 = job.offset + static_cast<uint64_t>(b0);
+      for (int64_t j = 0; j < m; ++j) {
+        C tau = load_as<C>(x[j]);
+        if (prm.subtract_base) tau = fk_sub(tau, bt[j]);
+        C v = tau;
+        if (PRUNE == kMergePruneMagnitude) v = merge_prune_magnitude(tau, thr);
+        if (PRUNE == kMergePruneRandom) {
+          v = merge_prune_random(merge_dare_keep(key, i0 + static_cast<uint64_t>(j), prm.drop_threshold), tau,
+                                 scale);
+        }
+        merge_accumulate<CONSENSUS>(acc[j], v, w, prm.sign_weighted, prm.normalize);
+      }
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      out[b0 + j] = Store<B>::from(merge_finalize<CONSENSUS>(acc[j], bt[j], prm.normalize, lin_div, lam));
+    }
+  }
+}
+
+template <typename B, typename X>
+MergeChunkFn pick_typed(int prune, int consensus) {
+  const bool vote = consensus != kMergeConsensusNone;
+  if (prune == kMergePruneNone) {
+    return vote ? (consensus == kMergeConsensusTotal ? &merge_chunk<kMergePruneNone, kMergeConsensusTotal, B, X>
+                                                     : &merge_chunk<kMergePruneNone, kMergeConsensusFrequency, B, X>)
+                : &merge_chunk<kMergePruneNone, kMergeConsensusNone, B, X>;
+  }
+  if (prune == kMergePruneMagnitude) {
+    return vote ? (consensus == kMergeConsensusTotal
+                       ? &merge_chunk<kMergePruneMagnitude, kMergeConsensusTotal, B, X>
+                       : &merge_chunk<kMergePruneMagnitude, kMergeConsensusFrequency, B, X>)
+                : &merge_chunk<kMergePruneMagnitude, kMergeConsensusNone, B, X>;
+  }
+  return vote ? (consensus == kMergeConsensusTotal ? &merge_chunk<kMergePruneRandom, kMergeConsensusTotal, B, X>
+                                                   : &merge_chunk<kMergePruneRandom, kMergeConsensusFrequency, B, X>)
+              : &merge_chunk<kMergePruneRandom, kMergeConsensusNone, B, X>;
+}
+
+std::vector<at::Tensor> merge_task_vectors_cpu(at::TensorList base, at::TensorList inputs,
+                                               at::ArrayRef<double> weights, const at::Tensor& thresholds,
+                                               at::IntArrayRef keys, at::IntArrayRef offsets, int64_t prune,
+                                               double p, bool rescale, int64_t consensus, bool sign_weighted,
+                                               int64_t normalize, double lam, bool subtract_base) {
+  static const char* op = "forgetkern_cpu::merge_task_vectors";
+  const int64_t T = static_cast<int64_t>(base.size());
+  const int64_t N = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(N >= 1, op, ": weights is empty");
+  TORCH_CHECK(static_cast<int64_t>(inputs.size()) == T * N, op, ": inputs has ", inputs.size(),
+              " tensors, expected T * N = ", T * N);
+  TORCH_CHECK(static_cast<int64_t>(offsets.size()) == T, op, ": offsets has ", offsets.size(), " entries");
+  TORCH_CHECK(prune >= 0 && prune <= 2 && consensus >= 0 && consensus <= 2 && normalize >= 0 && normalize <= 2,
+              op, ": bad prune / consensus / normalize code");
+  if (prune == kMergePruneRandom) {
+    TORCH_CHECK(static_cast<int64_t>(keys.size()) == T * N, op, ": keys has ", keys.size(), " entries");
+  }
+  if (prune == kMergePruneMagnitude) {
+    TORCH_CHECK(thresholds.device().is_cpu() && thresholds.is_contiguous() && thresholds.numel() == T * N, op,
+                ": thresholds must be a contiguous CPU tensor of T * N values");
+  }
+  std::vector<at::Tensor> outs;
+  outs.reserve(T);
+  std::vector<const void*> in_ptrs(static_cast<size_t>(T * N));
+  std::vector<uint32_t> key32(keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) key32[i] = static_cast<uint32_t>(keys[i]);
+  std::vector<double> w(weights.begin(), weights.end());
+  double wsum = 0.0;
+  for (double v : w) wsum += v;
+  MergeParams prm{N, w.data(), subtract_base, sign_weighted, static_cast<int>(normalize),
+                  lora_keep_threshold(p), rescale ? lora_keep_scale_f64(p) : 1.0,
+                  normalize == kMergeNormCount ? static_cast<double>(N) : (std::fabs(wsum) >= 1e-8 ? wsum : 1.0),
+                  lam};
+  // the rescale factor is rounded to float for float compute, as torch rounds a Python float
+  const double scale_f = rescale ? static_cast<double>(lora_keep_scale(p)) : 1.0;
+  std::vector<MergeJob> jobs(static_cast<size_t>(T));
+  std::vector<MergeChunkFn> fns(static_cast<size_t>(T));
+  std::vector<int64_t> numels(static_cast<size_t>(T));
+  std::vector<uint8_t> is_double(static_cast<size_t>(T));
+  std::vector<at::Tensor> thr_c(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) {
+    const at::Tensor& b = base[t];
+    TORCH_CHECK(b.device().is_cpu() && b.is_contiguous(), op, ": base[", t, "] must be a contiguous CPU tensor");
+    const c10::ScalarType xt = inputs[t * N].scalar_type();
+    for (int64_t k = 0; k < N; ++k) {
+      const at::Tensor& x = inputs[t * N + k];
+      TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.numel() == b.numel(), op, ": inputs[", t * N + k,
+                  "] must be a contiguous CPU tensor with base[", t, "]'s numel");
+      TORCH_CHECK(x.scalar_type() == xt, op, ": the inputs of tensor ", t, " must share one dtype");
+      in_ptrs[static_cast<size_t>(t * N + k)] = x.data_ptr();
+    }
+    outs.push_back(at::empty_like(b, at::MemoryFormat::Contiguous));
+    numels[t] = b.numel();
+    is_double[t] = b.scalar_type() == at::kDouble || xt == at::kDouble;
+    MergeChunkFn fn = nullptr;
+    dispatch_float(b.scalar_type(), "merge_task_vectors: base", [&](auto bv) {
+      dispatch_float(xt, "merge_task_vectors: inputs", [&](auto xv) {
+        fn = pick_typed<decltype(bv), decltype(xv)>(static_cast<int>(prune), static_cast<int>(consensus));
+      });
+    });
+    fns[t] = fn;
+    const void* thr = nullptr;
+    if (prune == kMergePruneMagnitude) {
+      thr_c[t] = thresholds.narrow(0, t * N, N).to(is_double[t] ? at::kDouble : at::kFloat).contiguous();
+      thr = thr_c[t].data_ptr();
+    }
+    jobs[t] = MergeJob{b.data_ptr(), in_ptrs.data() + t * N, outs.back().data_ptr(), thr,
+                       prune == kMergePruneRandom ? key32.data() + t * N : nullptr,
+                       static_cast<uint64_t>(offsets[t])};
+  }
+  MergeParams prm_f = prm;
+  prm_f.scale = scale_f;
+  const std::vector<Chunk> chunks = make_chunks(numels);
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(dynamic) if (nchunks > 1)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const Chunk& ch = chunks[c];
+    fns[ch.tensor](is_double[ch.tensor] ? prm : prm_f, jobs[ch.tensor], ch.begin, ch.end);
+  }
+  return outs;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace forgetkern
+
+TORCH_LIBRARY_FRAGMENT(forgetkern_cpu, m) {
+  m.def(
+      "merge_task_vectors(Tensor[] base, Tensor[] inputs, float[] weights, Tensor thresholds, int[] keys, "
+      "int[] offsets, int prune, float p, bool rescale, int consensus, bool sign_weighted, int normalize, "
+      "float lam, bool subtract_base) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(forgetkern_cpu, CPU, m) {
+  m.impl("merge_task_vectors", &forgetkern::cpu::merge_task_vectors_cpu);
+}
