@@ -38,6 +38,7 @@ from forgetkern.ops.lwf_loss import LwfLoss, lwf_loss
 from forgetkern.ops.lora_linear import LoraAdapter, LoraFisher, lora_linear, lora_linear_siblings
 from forgetkern.patching import PatchReport, is_patched, patch, unpatch
 from forgetkern.training.lwf import LwF
+from forgetkern.replay import MSSR
 from forgetkern.merge import merge_lora, merge_models, merge_safetensors, merge_task_vectors, wise_ft
 
 __all__ = [
@@ -72,4 +73,5 @@ __all__ = [
     "merge_lora",
     "merge_safetensors",
     "wise_ft",
+    "MSSR",
 ]
