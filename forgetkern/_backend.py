@@ -169,7 +169,7 @@ SUPPORTED_BY_OP = {
     "linear_persample_sq_grad_": ("torch", "cuda", "triton"),
     "lwf_loss": ("torch",),
     "ewc_delta_w": ("torch", "cpp"),
-    "merge_task_vectors": ("torch", "cpp"),
+    "merge_task_vectors": ("torch", "cpp", "triton"),
 }
 
 

@@ -18,6 +18,8 @@ METHODS = [("task_arithmetic", {}), ("ties", {"density": 0.3}), ("dare_linear", 
                                                                       "sign_weighted": True}),
            ("task_arithmetic", {"normalize": "weight"}), ("dare_linear", {"p": 0.3, "rescale": False})]
 SHAPES = [(37, 19), (1,), (0, 5), (65537,), (3, 4, 5)]
+# the Triton interpreter runs each program in Python: the big tensor (64 programs) only for the compiled backends
+SMALL = [(37, 19), (1,), (0, 5), (1025,), (3, 4, 5)]
 WEIGHTS = [0.7, 1.3, -0.4]
 
 
@@ -45,7 +47,7 @@ def _mag(base, tvs, weights):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("method,kw", METHODS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(METHODS)])
 def test_backend_vs_fp64(backend, dtype, method, kw):
-    base, tvs = _inputs(dtype)
+    base, tvs = _inputs(dtype, SMALL if backend == "triton" else SHAPES)
     # thresholds from the stored values (exact in every compute type: tau = x, no subtraction)
     with forgetkern.use_backend(backend):
         got = merge_task_vectors(base, tvs, method=method, weights=WEIGHTS, seed=5, **kw)
@@ -59,14 +61,16 @@ def test_backend_vs_fp64(backend, dtype, method, kw):
         bound = EPS[dtype] * w.abs() + 8 * EPS[torch.float32 if dtype != torch.float64 else dtype] * m * 4
         err = (g.double() - w).abs()
         assert bool((err <= bound + 1e-300).all()), (t, float((err - bound).max()))
-        if backend in ("cpp", "torch"):
+        # the kernels do the reference's IEEE operations in its order (the interpreter stores bf16 / fp16 by
+        # truncation, not rounding: bit equality there for float32 / float64 only)
+        if backend in ("cpp", "torch") or dtype in (torch.float32, torch.float64):
             assert torch.equal(g, s), f"{backend} is not bit-identical to the reference (tensor {t})"
 
 
 @pytest.mark.parametrize("backend", _backends())
 def test_subtract_base_and_mixed_dtypes(backend):
     """Fine-tuned weights in (tau = x - b on the fly) equal task vectors in; bf16 inputs with an fp32 base."""
-    base, tvs = _inputs(torch.float32)
+    base, tvs = _inputs(torch.float32, SMALL if backend == "triton" else SHAPES)
     fts = [[b + x for b, x in zip(base, tv)] for tv in tvs]
     taus = [[f - b for f, b in zip(ft, base)] for ft in fts]
     for method, kw in METHODS[:5]:
@@ -121,7 +125,7 @@ def test_dare_mask_is_the_lora_hash_and_reproducible(backend):
     others 0; the same seed gives the same merge, another seed another mask; a tile with its offset gives
     the rows of the whole."""
     p = 0.7
-    tau = torch.randn(64, 33, generator=torch.Generator().manual_seed(2)) + 3.0  # no zeros
+    tau = torch.randn(40, 33, generator=torch.Generator().manual_seed(2)) + 3.0  # no zeros
     base = [torch.zeros_like(tau)]
     with forgetkern.use_backend(backend):
         a = merge_task_vectors(base, [[tau]], method="dare_linear", p=p, seed=11, tensor_ids=[42])[0]
