@@ -113,7 +113,7 @@ def triton_available() -> bool:
 CPP_COMPOSED = {"lora_linear": ("lora_dropout", "lora_dropout_add_")}
 # The C++ kernels each op's cpp backend needs, for ops newer than the first extension (an extension built
 # from older sources lacks them: the cpp backend is then unavailable for the op, with the reason).
-CPP_KERNELS = {**CPP_COMPOSED, "ewc_delta_w": ("ewc_delta_w",), "merge_task_vectors": ("merge_task_vectors",)}
+CPP_KERNELS = {**CPP_COMPOSED, "ewc_delta_w": ("ewc_delta_w",), "merge_task_vectors": ("merge_task_vectors", "merge_magnitude_thresholds")}
 
 
 def _cpp_kernels_missing(op: str) -> Optional[str]:

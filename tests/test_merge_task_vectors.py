@@ -198,3 +198,22 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.forgetkern.merge_task_vectors.default,
                               (base, flat, [1.0, 0.5], thr, [], [0, 0], ref.PRUNE_MAGNITUDE, 0.0, True,
                                ref.CONSENSUS_TOTAL, False, ref.NORM_COUNT, 1.0, False))
+
+
+def test_cpp_thresholds_equal_kthvalue():
+    """The C++ selection (std::nth_element) gives torch.kthvalue's thresholds, with and without subtract_base,
+    for float32 / bfloat16 / float64 inputs and the edge densities."""
+    from forgetkern import _backend, _ext
+
+    if _backend.availability("cpu", "merge_task_vectors")["cpp"] is not None:
+        pytest.skip(_backend.availability("cpu", "merge_task_vectors")["cpp"])
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        base, tvs = _inputs(dtype, shapes=[(37, 19), (1,), (1025,)], n=2)
+        flat = [tvs[k][t] for t in range(3) for k in range(2)]
+        c = torch.float64 if dtype == torch.float64 else torch.float32
+        for density in (0.0, 0.01, 0.3, 1.0):
+            for sub in (False, True):
+                got = _ext.cpu_ops().merge_magnitude_thresholds(base, flat, 2, density, sub)
+                taus = [(x.to(c) - base[i // 2].to(c)) if sub else x for i, x in enumerate(flat)]
+                want = magnitude_thresholds(taus, density)
+                assert got.dtype == c and torch.equal(got, want.to(c)), (dtype, density, sub)

@@ -5,11 +5,14 @@
 // depends only on its inputs (no reduction across elements), so it is the same for any number of threads and
 // bit-identical to the reference (same IEEE operations in the same order; -ffp-contract=off).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "forgetkern/merge_task_vectors.h"
@@ -44,6 +47,60 @@ struct MergeJob {
 
 using MergeChunkFn = void (*)(const MergeParams& prm, const MergeJob& job, int64_t begin, int64_t end);
 
+// Accumulators of one tile, one array per field (struct of arrays: the task loop vectorises).
+template <typename C>
+struct TileAcc {
+  alignas(64) C total[kTile];
+  alignas(64) C vote[kTile];
+  alignas(64) C pos[kTile];
+  alignas(64) C neg[kTile];
+  alignas(64) C pos_div[kTile];
+  alignas(64) C neg_div[kTile];
+};
+
+// One task's tile into the accumulators: prune, weight, accumulate (merge_task_vectors.h, element by element).
+// The flags are template parameters so that the loop has no branch left but selects.
+template <int PRUNE, int CONSENSUS, int NORM, bool SIGNW, bool SUB, typename C, typename X>
+FK_INLINE void task_tile(const X* __restrict x, const C* __restrict bt, TileAcc<C>& a, int64_t m, C w, C thr,
+                         uint32_t key, uint64_t i0, int32_t drop_thr, C scale) {
+  for (int64_t j = 0; j < m; ++j) {
+    C tau = load_as<C>(x[j]);
+    if (SUB) tau = fk_sub(tau, bt[j]);
+    C v = tau;
+    if (PRUNE == kMergePruneMagnitude) v = merge_prune_magnitude(tau, thr);
+    if (PRUNE == kMergePruneRandom) {
+      v = merge_prune_random(merge_dare_keep(key, i0 + static_cast<uint64_t>(j), drop_thr), tau, scale);
+    }
+    const C wv = fk_mul(v, w);
+    if (CONSENSUS == kMergeConsensusNone) {
+      a.total[j] = fk_add(a.total[j], wv);
+      continue;
+    }
+    const C u = SIGNW ? wv : v;
+    const bool gt = u > C(0), lt = u < C(0);
+    a.vote[j] = fk_add(a.vote[j], CONSENSUS == kMergeConsensusTotal ? u : (gt ? C(1) : lt ? C(-1) : C(0)));
+    a.pos[j] = fk_add(a.pos[j], gt ? wv : C(0));
+    a.neg[j] = fk_add(a.neg[j], lt ? wv : C(0));
+    if (NORM == kMergeNormCount) {
+      a.pos_div[j] = fk_add(a.pos_div[j], gt ? C(1) : C(0));
+      a.neg_div[j] = fk_add(a.neg_div[j], lt ? C(1) : C(0));
+    } else if (NORM == kMergeNormWeight) {
+      a.pos_div[j] = fk_add(a.pos_div[j], gt ? w : C(0));
+      a.neg_div[j] = fk_add(a.neg_div[j], lt ? w : C(0));
+    }
+  }
+}
+
+template <int PRUNE, int CONSENSUS, int NORM, bool SIGNW, typename C, typename X>
+FK_INLINE void task_tile_sub(bool sub, const X* x, const C* bt, TileAcc<C>& a, int64_t m, C w, C thr, uint32_t key,
+                             uint64_t i0, int32_t drop_thr, C scale) {
+  if (sub) {
+    task_tile<PRUNE, CONSENSUS, NORM, SIGNW, true>(x, bt, a, m, w, thr, key, i0, drop_thr, scale);
+  } else {
+    task_tile<PRUNE, CONSENSUS, NORM, SIGNW, false>(x, bt, a, m, w, thr, key, i0, drop_thr, scale);
+  }
+}
+
 template <int PRUNE, int CONSENSUS, typename B, typename X>
 void merge_chunk(const MergeParams& prm, const MergeJob& job, int64_t begin, int64_t end) {
   using C = typename std::conditional<std::is_same<B, double>::value || std::is_same<X, double>::value, double,
@@ -54,12 +111,12 @@ void merge_chunk(const MergeParams& prm, const MergeJob& job, int64_t begin, int
   const C lin_div = static_cast<C>(prm.lin_div);
   const C scale = static_cast<C>(prm.scale);
   alignas(64) C bt[kTile];
-  MergeAcc<C> acc[kTile];
+  TileAcc<C> acc;
   for (int64_t b0 = begin; b0 < end; b0 += kTile) {
     const int64_t m = end - b0 < kTile ? end - b0 : kTile;
     for (int64_t j = 0; j < m; ++j) {
       bt[j] = load_as<C>(base[b0 + j]);
-      merge_acc_init(acc[j]);
+      acc.total[j] = acc.vote[j] = acc.pos[j] = acc.neg[j] = acc.pos_div[j] = acc.neg_div[j] = C(0);
     }
     for (int64_t k = 0; k < prm.n; ++k) {
       const X* x = static_cast<const X*>(job.inputs[k]) + b0;
@@ -67,20 +124,33 @@ void merge_chunk(const MergeParams& prm, const MergeJob& job, int64_t begin, int
       const C thr = PRUNE == kMergePruneMagnitude ? static_cast<const C*>(job.thr)[k] : C(0);
       const uint32_t key = PRUNE == kMergePruneRandom ? job.keys[k] : 0u;
       const uint64_t i0 = job.offset + static_cast<uint64_t>(b0);
-      for (int64_t j = 0; j < m; ++j) {
-        C tau = load_as<C>(x[j]);
-        if (prm.subtract_base) tau = fk_sub(tau, bt[j]);
-        C v = tau;
-        if (PRUNE == kMergePruneMagnitude) v = merge_prune_magnitude(tau, thr);
-        if (PRUNE == kMergePruneRandom) {
-          v = merge_prune_random(merge_dare_keep(key, i0 + static_cast<uint64_t>(j), prm.drop_threshold), tau,
-                                 scale);
+      const bool sub = prm.subtract_base;
+      const int32_t dt = prm.drop_threshold;
+      if (CONSENSUS == kMergeConsensusNone) {
+        task_tile_sub<PRUNE, CONSENSUS, kMergeNormNone, false>(sub, x, bt, acc, m, w, thr, key, i0, dt, scale);
+      } else if (prm.normalize == kMergeNormCount) {
+        if (prm.sign_weighted) {
+          task_tile_sub<PRUNE, CONSENSUS, kMergeNormCount, true>(sub, x, bt, acc, m, w, thr, key, i0, dt, scale);
+        } else {
+          task_tile_sub<PRUNE, CONSENSUS, kMergeNormCount, false>(sub, x, bt, acc, m, w, thr, key, i0, dt, scale);
         }
-        merge_accumulate<CONSENSUS>(acc[j], v, w, prm.sign_weighted, prm.normalize);
+      } else if (prm.normalize == kMergeNormWeight) {
+        if (prm.sign_weighted) {
+          task_tile_sub<PRUNE, CONSENSUS, kMergeNormWeight, true>(sub, x, bt, acc, m, w, thr, key, i0, dt, scale);
+        } else {
+          task_tile_sub<PRUNE, CONSENSUS, kMergeNormWeight, false>(sub, x, bt, acc, m, w, thr, key, i0, dt, scale);
+        }
+      } else {
+        if (prm.sign_weighted) {
+          task_tile_sub<PRUNE, CONSENSUS, kMergeNormNone, true>(sub, x, bt, acc, m, w, thr, key, i0, dt, scale);
+        } else {
+          task_tile_sub<PRUNE, CONSENSUS, kMergeNormNone, false>(sub, x, bt, acc, m, w, thr, key, i0, dt, scale);
+        }
       }
     }
     for (int64_t j = 0; j < m; ++j) {
-      out[b0 + j] = Store<B>::from(merge_finalize<CONSENSUS>(acc[j], bt[j], prm.normalize, lin_div, lam));
+      MergeAcc<C> a{acc.total[j], acc.vote[j], acc.pos[j], acc.neg[j], acc.pos_div[j], acc.neg_div[j]};
+      out[b0 + j] = Store<B>::from(merge_finalize<CONSENSUS>(a, bt[j], prm.normalize, lin_div, lam));
     }
   }
 }
@@ -186,6 +256,82 @@ std::vector<at::Tensor> merge_task_vectors_cpu(at::TensorList base, at::TensorLi
   return outs;
 }
 
+// |tau| of one (tensor, task) pair into `scratch` (compute type C), then the k-th largest by nth_element.
+template <typename C, typename B, typename X>
+C kth_largest_abs(const B* base, const X* x, int64_t n, int64_t k, bool subtract, std::vector<C>& scratch) {
+  scratch.resize(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) {
+    C tau = load_as<C>(x[j]);
+    if (subtract) tau = fk_sub(tau, load_as<C>(base[j]));
+    scratch[static_cast<size_t>(j)] = merge_abs(tau);
+  }
+  auto nth = scratch.begin() + (n - k);
+  std::nth_element(scratch.begin(), nth, scratch.end());
+  return *nth;
+}
+
+// Magnitude thresholds of TIES / magnitude prune: for every (tensor t, task k) the k-th largest |tau| with
+// k = int(density * numel) (exact selection, equal to torch.kthvalue(|tau|, numel - k + 1)); 0 when k >= numel,
+// +inf when k == 0. OpenMP over the (tensor, task) pairs, one scratch buffer per thread.
+at::Tensor merge_magnitude_thresholds_cpu(at::TensorList base, at::TensorList inputs, int64_t n_tasks, double density,
+                                          bool subtract_base) {
+  static const char* op = "forgetkern_cpu::merge_magnitude_thresholds";
+  const int64_t T = static_cast<int64_t>(base.size());
+  TORCH_CHECK(n_tasks >= 1 && static_cast<int64_t>(inputs.size()) == T * n_tasks, op, ": inputs has ",
+              inputs.size(), " tensors, expected T * n_tasks = ", T * n_tasks);
+  bool any_double = false;
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(base[t].device().is_cpu() && base[t].is_contiguous(), op, ": base[", t, "] must be contiguous CPU");
+    any_double = any_double || base[t].scalar_type() == at::kDouble;
+    for (int64_t k = 0; k < n_tasks; ++k) {
+      const at::Tensor& x = inputs[t * n_tasks + k];
+      TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.numel() == base[t].numel(), op, ": inputs[",
+                  t * n_tasks + k, "] must be contiguous CPU with base[", t, "]'s numel");
+      any_double = any_double || x.scalar_type() == at::kDouble;
+    }
+  }
+  at::Tensor out = at::empty({T * n_tasks}, at::TensorOptions().dtype(any_double ? at::kDouble : at::kFloat));
+  const int64_t pairs = T * n_tasks;
+#pragma omp parallel if (pairs > 1)
+  {
+    std::vector<float> sf;
+    std::vector<double> sd;
+#pragma omp for schedule(dynamic)
+    for (int64_t i = 0; i < pairs; ++i) {
+      const int64_t t = i / n_tasks;
+      const at::Tensor& b = base[t];
+      const at::Tensor& x = inputs[i];
+      const int64_t n = b.numel();
+      const int64_t kk = density >= 1.0 ? n : static_cast<int64_t>(density * static_cast<double>(n));
+      const bool dbl = b.scalar_type() == at::kDouble || x.scalar_type() == at::kDouble;
+      double thr;
+      if (kk >= n) {
+        thr = 0.0;
+      } else if (kk <= 0) {
+        thr = std::numeric_limits<double>::infinity();
+      } else {
+        thr = 0.0;
+        dispatch_float(b.scalar_type(), "merge_magnitude_thresholds: base", [&](auto bv) {
+          dispatch_float(x.scalar_type(), "merge_magnitude_thresholds: inputs", [&](auto xv) {
+            using B = decltype(bv);
+            using X = decltype(xv);
+            const B* bp = static_cast<const B*>(b.data_ptr());
+            const X* xp = static_cast<const X*>(x.data_ptr());
+            thr = dbl ? kth_largest_abs<double>(bp, xp, n, kk, subtract_base, sd)
+                      : static_cast<double>(kth_largest_abs<float>(bp, xp, n, kk, subtract_base, sf));
+          });
+        });
+      }
+      if (any_double) {
+        out.data_ptr<double>()[i] = thr;
+      } else {
+        out.data_ptr<float>()[i] = static_cast<float>(thr);
+      }
+    }
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace forgetkern
@@ -195,8 +341,12 @@ TORCH_LIBRARY_FRAGMENT(forgetkern_cpu, m) {
       "merge_task_vectors(Tensor[] base, Tensor[] inputs, float[] weights, Tensor thresholds, int[] keys, "
       "int[] offsets, int prune, float p, bool rescale, int consensus, bool sign_weighted, int normalize, "
       "float lam, bool subtract_base) -> Tensor[]");
+  m.def(
+      "merge_magnitude_thresholds(Tensor[] base, Tensor[] inputs, int n_tasks, float density, bool subtract_base) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(forgetkern_cpu, CPU, m) {
   m.impl("merge_task_vectors", &forgetkern::cpu::merge_task_vectors_cpu);
+  m.impl("merge_magnitude_thresholds", &forgetkern::cpu::merge_magnitude_thresholds_cpu);
 }

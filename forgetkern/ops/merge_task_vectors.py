@@ -12,7 +12,8 @@ tensor ``t`` with base ``b`` and task vectors ``tau_k = x_k - b`` (``subtract_ba
 One kernel reads every ``x_{t,k}`` and ``b`` once and writes ``out`` once: the sign election needs no
 second pass because the sums over the positive and over the negative entries are accumulated side by side
 and the elected one is kept. Thresholds for the magnitude trim are inputs (one per tensor and task): the
-exact ``k``-th largest ``|tau|`` (:func:`magnitude_thresholds`, ``torch.kthvalue``), computed beforehand.
+exact ``k``-th largest ``|tau|``, computed beforehand (:func:`magnitude_thresholds`: ``torch.kthvalue``; on the cpp
+backend a C++ ``std::nth_element`` selection, parallel over tensors and tasks, with the same result).
 
 The DARE mask of element ``i`` (flat index, plus the tensor's ``offset``) of task ``k`` in tensor ``t`` is the
 LoRA dropout hash (``forgetkern/reference/lora_linear.py``) with the 32-bit key
@@ -89,6 +90,23 @@ def magnitude_thresholds(taus: Sequence[torch.Tensor], density: float) -> torch.
         return torch.zeros(0, dtype=torch.float32)
     dt = torch.float64 if any(x.dtype == torch.float64 for x in out) else torch.float32
     return torch.stack([x.to(dt) for x in out])
+
+
+def _thresholds(base, flat, n: int, density: float, subtract_base: bool, c: torch.dtype) -> torch.Tensor:
+    """Magnitude thresholds of every (tensor, task) pair, tensor-major: the C++ selection (``std::nth_element``
+    on a scratch copy of ``|tau|``, OpenMP over the pairs) when the op runs on the cpp backend, else
+    :func:`magnitude_thresholds` (``torch.kthvalue``) one pair at a time. Both are exact: the same values."""
+    if _backend.resolve(OP, base[0].device) == "cpp":
+        from forgetkern import _ext
+
+        return _ext.cpu_ops().merge_magnitude_thresholds(base, flat, n, density, subtract_base).to(c)
+    thr = []
+    for t in range(len(base)):
+        for k in range(n):
+            x = flat[t * n + k]
+            tau = x.to(c) - base[t].to(c) if subtract_base else x
+            thr.append(magnitude_thresholds([tau], density)[0])
+    return torch.stack(thr).to(c)
 
 
 def resolve_method(method: str, *, density: Optional[float], p: Optional[float], where: str) -> tuple:
@@ -228,13 +246,7 @@ def merge_task_vectors(base, task_vectors, *, method: str = "task_arithmetic", w
     c = torch.float64 if any(x.dtype == torch.float64 for x in base + flat) else torch.float32
     if prune == ref.PRUNE_MAGNITUDE:
         if thresholds is None:
-            thr = []
-            for t in range(T):
-                for k in range(n):
-                    x = flat[t * n + k]
-                    tau = x.to(c) - base[t].to(c) if subtract_base else x
-                    thr.append(magnitude_thresholds([tau], density)[0])
-            thresholds = torch.stack(thr).to(c)
+            thresholds = _thresholds(base, flat, n, density, bool(subtract_base), c)
         else:
             if not isinstance(thresholds, torch.Tensor) or thresholds.numel() != T * n:
                 raise ValueError(f"forgetkern.{where}: thresholds must be a tensor of T * N = {T * n} values "
