@@ -3,7 +3,8 @@
 // tensor); inside a chunk, tiles of kTile elements: the base tile is read once, each task's tile once into
 // per-element accumulators that stay in L1, then the tile of the output is written once. Each element's result
 // depends only on its inputs (no reduction across elements), so it is the same for any number of threads and
-// bit-identical to the reference (same IEEE operations in the same order; -ffp-contract=off).
+// bit-identical to the reference (same IEEE operations in the same order; -ffp-contract=off). DARE's kernels also
+// exist for AVX2 / AVX-512 (cpu_isa.h: the hash's 32-bit multiplies vectorise there), with the same results.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -15,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "forgetkern/merge_task_vectors.h"
 #include "multi_tensor_cpu.h"
 
@@ -102,7 +104,7 @@ FK_INLINE void task_tile_sub(bool sub, const X* x, const C* bt, TileAcc<C>& a, i
 }
 
 template <int PRUNE, int CONSENSUS, typename B, typename X>
-void merge_chunk(const MergeParams& prm, const MergeJob& job, int64_t begin, int64_t end) {
+FK_INLINE void merge_chunk(const MergeParams& prm, const MergeJob& job, int64_t begin, int64_t end) {
   using C = typename std::conditional<std::is_same<B, double>::value || std::is_same<X, double>::value, double,
                                       float>::type;
   const B* base = static_cast<const B*>(job.base);
@@ -155,23 +157,40 @@ void merge_chunk(const MergeParams& prm, const MergeJob& job, int64_t begin, int
   }
 }
 
+// The kernel compiled once per instruction set. Only DARE's needs the wider ones: its hash multiplies 32-bit
+// integers, which SSE2 (the build's baseline) cannot do in vectors; the other variants run the baseline build.
+template <int PRUNE, int CONSENSUS, typename B, typename X>
+void merge_chunk_baseline(const MergeParams& prm, const MergeJob& job, int64_t begin, int64_t end) {
+  merge_chunk<PRUNE, CONSENSUS, B, X>(prm, job, begin, end);
+}
+#if FK_CPU_X86
+template <int PRUNE, int CONSENSUS, typename B, typename X>
+FK_TARGET_AVX2 void merge_chunk_avx2(const MergeParams& prm, const MergeJob& job, int64_t begin, int64_t end) {
+  merge_chunk<PRUNE, CONSENSUS, B, X>(prm, job, begin, end);
+}
+template <int PRUNE, int CONSENSUS, typename B, typename X>
+FK_TARGET_AVX512 void merge_chunk_avx512(const MergeParams& prm, const MergeJob& job, int64_t begin, int64_t end) {
+  merge_chunk<PRUNE, CONSENSUS, B, X>(prm, job, begin, end);
+}
+#endif
+
+template <int PRUNE, typename B, typename X>
+MergeChunkFn pick_consensus(CpuIsa isa, int consensus) {
+  if (PRUNE == kMergePruneRandom) {
+    return consensus == kMergeConsensusNone    ? FK_ISA_PICK(isa, merge_chunk, PRUNE, kMergeConsensusNone, B, X)
+           : consensus == kMergeConsensusTotal ? FK_ISA_PICK(isa, merge_chunk, PRUNE, kMergeConsensusTotal, B, X)
+                                               : FK_ISA_PICK(isa, merge_chunk, PRUNE, kMergeConsensusFrequency, B, X);
+  }
+  return consensus == kMergeConsensusNone    ? &merge_chunk_baseline<PRUNE, kMergeConsensusNone, B, X>
+         : consensus == kMergeConsensusTotal ? &merge_chunk_baseline<PRUNE, kMergeConsensusTotal, B, X>
+                                             : &merge_chunk_baseline<PRUNE, kMergeConsensusFrequency, B, X>;
+}
+
 template <typename B, typename X>
-MergeChunkFn pick_typed(int prune, int consensus) {
-  const bool vote = consensus != kMergeConsensusNone;
-  if (prune == kMergePruneNone) {
-    return vote ? (consensus == kMergeConsensusTotal ? &merge_chunk<kMergePruneNone, kMergeConsensusTotal, B, X>
-                                                     : &merge_chunk<kMergePruneNone, kMergeConsensusFrequency, B, X>)
-                : &merge_chunk<kMergePruneNone, kMergeConsensusNone, B, X>;
-  }
-  if (prune == kMergePruneMagnitude) {
-    return vote ? (consensus == kMergeConsensusTotal
-                       ? &merge_chunk<kMergePruneMagnitude, kMergeConsensusTotal, B, X>
-                       : &merge_chunk<kMergePruneMagnitude, kMergeConsensusFrequency, B, X>)
-                : &merge_chunk<kMergePruneMagnitude, kMergeConsensusNone, B, X>;
-  }
-  return vote ? (consensus == kMergeConsensusTotal ? &merge_chunk<kMergePruneRandom, kMergeConsensusTotal, B, X>
-                                                   : &merge_chunk<kMergePruneRandom, kMergeConsensusFrequency, B, X>)
-              : &merge_chunk<kMergePruneRandom, kMergeConsensusNone, B, X>;
+MergeChunkFn pick_typed(CpuIsa isa, int prune, int consensus) {
+  if (prune == kMergePruneNone) return pick_consensus<kMergePruneNone, B, X>(isa, consensus);
+  if (prune == kMergePruneMagnitude) return pick_consensus<kMergePruneMagnitude, B, X>(isa, consensus);
+  return pick_consensus<kMergePruneRandom, B, X>(isa, consensus);
 }
 
 std::vector<at::Tensor> merge_task_vectors_cpu(at::TensorList base, at::TensorList inputs,
@@ -195,6 +214,7 @@ std::vector<at::Tensor> merge_task_vectors_cpu(at::TensorList base, at::TensorLi
     TORCH_CHECK(thresholds.device().is_cpu() && thresholds.is_contiguous() && thresholds.numel() == T * N, op,
                 ": thresholds must be a contiguous CPU tensor of T * N values");
   }
+  const CpuIsa isa = active_cpu_isa();
   std::vector<at::Tensor> outs;
   outs.reserve(T);
   std::vector<const void*> in_ptrs(static_cast<size_t>(T * N));
@@ -231,7 +251,7 @@ std::vector<at::Tensor> merge_task_vectors_cpu(at::TensorList base, at::TensorLi
     MergeChunkFn fn = nullptr;
     dispatch_float(b.scalar_type(), "merge_task_vectors: base", [&](auto bv) {
       dispatch_float(xt, "merge_task_vectors: inputs", [&](auto xv) {
-        fn = pick_typed<decltype(bv), decltype(xv)>(static_cast<int>(prune), static_cast<int>(consensus));
+        fn = pick_typed<decltype(bv), decltype(xv)>(isa, static_cast<int>(prune), static_cast<int>(consensus));
       });
     });
     fns[t] = fn;
