@@ -121,10 +121,11 @@ def run_set(res, args, name, shapes, backends):
         if not args.no_memory:
             for prov, fn in provs.items():
                 mem = bc.peak_memory(lambda fn=fn: fn())
-                nb = mem.get("torch_alloc")
-                if nb is not None:
-                    res.add(bc.Row("merge", prov, f"{name}/{method}", "peak_mem:torch_alloc", size, "MB", nb / bc.MB,
-                                   note=f"{nb / size:.2f} bytes per model element (output: 4)"))
+                for how, nb in mem.items():
+                    if nb is not None:
+                        res.add(bc.Row("merge", prov, f"{name}/{method}", f"peak_mem:{how}", size, "MB",
+                                       nb / bc.MB, note=f"{nb / size:.2f} bytes per model element (output: 4); "
+                                                        f"{bc.MEMORY_METHODS[how]}"))
         line = ", ".join(f"{p} {s.median:.0f} ms" for p, s in st.items())
         print(f"   {method}: {line}", flush=True)
     del base, taus
@@ -157,6 +158,9 @@ def main() -> int:
     meta.update({"peft_version": peft.__version__, "layers": args.layers, "repeat": args.repeat,
                  "methods": METHODS, "weights": WEIGHTS, "dtype": "float32"})
     res = bc.Results(args.name, meta)
+    res.notes.append("peak_mem:torch_alloc counts torch tensors only: forgetkern's C++ TIES threshold selection "
+                     "works in a std::vector scratch copy of |tau| (one tensor's worth per thread), which "
+                     "peak_mem:rss_hwm includes")
     bc.print_header(f"bench_merge: SmolLM2-135M x {args.layers} layers" + (" + Llama-7B" if args.llama else ""),
                     meta)
     run_set(res, args, "smollm2", smollm2_shapes(args.layers), backends)
@@ -167,7 +171,7 @@ def main() -> int:
     csv_path, json_path = res.write(args.out)
     print()
     print(res.summary([("time ms [p20, p80]", "time"), ("x vs peft", "speedup_vs_peft"),
-                       ("peak MB", "peak_mem:torch_alloc")]))
+                       ("peak MB (torch)", "peak_mem:torch_alloc"), ("peak MB (RSS)", "peak_mem:rss_hwm")]))
     print(f"   wall {meta['wall_s']} s; wrote {csv_path} and {json_path}")
     return 0
 
