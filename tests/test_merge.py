@@ -379,3 +379,31 @@ def test_merge_lora_weight_output_and_apply(tmp_path):
         merge_lora(model, "default")
     with pytest.raises(ValueError, match="apply_to_base=True needs"):
         merge_lora(model, ["default"], apply_to_base=True)
+
+
+def test_merge_lora_never_forms_a_whole_update(monkeypatch):
+    """TIES on LoRA: every s B A is formed in row tiles of at most tile_rows rows (thresholds included), and the
+    tiled radix selection finds torch.kthvalue's threshold on the dense update."""
+    from forgetkern.merge import lora as fk_lora
+
+    model = _two_adapter_model()
+    rows_seen = []
+    real = fk_lora._Delta.rows
+
+    def spy(self, r0, r1):
+        rows_seen.append(r1 - r0)
+        return real(self, r0, r1)
+
+    monkeypatch.setattr(fk_lora._Delta, "rows", spy)
+    merge_lora(model, ["default", "other"], method="ties", density=0.3, tile_rows=8)
+    assert rows_seen and max(rows_seen) <= 8
+    monkeypatch.undo()
+    name, layer = fk_lora._lora_layers(model)[0]
+    d = fk_lora._Delta(layer, "other", torch.float32)
+    rows = layer.get_base_layer().weight.shape[0]
+    dense = d.rows(0, rows)
+    k = int(0.3 * dense.numel())
+    got = fk_lora.kth_largest_abs(lambda: (d.rows(r, min(r + 8, rows)) for r in range(0, rows, 8)), k,
+                                  torch.float32)
+    tiles = torch.cat([d.rows(r, min(r + 8, rows)) for r in range(0, rows, 8)])
+    assert got == torch.kthvalue(tiles.abs().reshape(-1), dense.numel() - k + 1).values
