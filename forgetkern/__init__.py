@@ -48,6 +48,8 @@ from forgetkern.patching import PatchReport, is_patched, patch, unpatch
 from forgetkern.training.lwf import LwF
 from forgetkern.ops.adamw_ewc import adamw_ewc_
 from forgetkern import optim
+from forgetkern.replay import MSSR
+from forgetkern.merge import merge_lora, merge_models, merge_safetensors, merge_task_vectors, wise_ft
 
 __all__ = [
     "__version__",
@@ -83,4 +85,10 @@ __all__ = [
     "GPM",
     "adamw_ewc_",
     "optim",
+    "merge_task_vectors",
+    "merge_models",
+    "merge_lora",
+    "merge_safetensors",
+    "wise_ft",
+    "MSSR",
 ]

@@ -112,7 +112,8 @@ def triton_available() -> bool:
 # extension (an extension built from older sources lacks them: the cpp backend is then unavailable for the op,
 # with the reason). lora_linear's cpp backend is Python (forgetkern/cpu/lora_linear.py) calling these kernels.
 CPP_KERNELS = {"lora_linear": ("lora_dropout", "lora_dropout_add_"), "ewc_delta_w": ("ewc_delta_w",),
-               "adamw_ewc": ("adamw_ewc_",)}
+               "adamw_ewc": ("adamw_ewc_",),
+               "merge_task_vectors": ("merge_task_vectors", "merge_magnitude_thresholds")}
 
 
 def _cpp_kernels_missing(op: str) -> Optional[str]:

@@ -17,7 +17,7 @@ import torch
 
 import forgetkern  # noqa: F401  (defines the ops)
 from forgetkern import _backend, _ext
-from forgetkern.ops import adamw_ewc, ewc_delta_w, ewc_penalty, fisher_accumulate, linear_persample_sq_grad, lora_linear
+from forgetkern.ops import adamw_ewc, ewc_delta_w, ewc_penalty, merge_task_vectors, fisher_accumulate, linear_persample_sq_grad, lora_linear
 
 # (Kernels, the forgetkern:: op whose body calls it)
 CASES = {
@@ -28,6 +28,7 @@ CASES = {
     "lora_linear_fwd": (lora_linear.FWD_KERNELS, "lora_linear_fwd"),
     "lora_linear_bwd": (lora_linear.BWD_KERNELS, "lora_linear_bwd"),
     "adamw_ewc_": (adamw_ewc.KERNELS, "adamw_ewc_"),
+    "merge_task_vectors": (merge_task_vectors.KERNELS, "merge_task_vectors"),
 }
 
 
