@@ -48,6 +48,8 @@ from forgetkern.patching import PatchReport, is_patched, patch, unpatch
 from forgetkern.training.lwf import LwF
 from forgetkern.ops.adamw_ewc import adamw_ewc_
 from forgetkern import optim
+from forgetkern import checkpoint
+from forgetkern.checkpoint import load_state, save_state
 
 __all__ = [
     "__version__",
@@ -83,4 +85,7 @@ __all__ = [
     "GPM",
     "adamw_ewc_",
     "optim",
+    "checkpoint",
+    "save_state",
+    "load_state",
 ]
