@@ -1,6 +1,6 @@
 """forgetkern beyond one process: 2 CPU processes over gloo (the same code a GPU cluster runs over NCCL).
 
-Process start-up dominates (~5-10 s per group on a loaded 2-core machine), so ONE spawned job runs every check
+Process start-up dominates (a spawned child re-imports torch and transformers), so ONE 2-process job runs every check
 (DDP training vs one process, the distributed Fisher estimate, update_from_grads under DDP, EWC on FSDP2
 DTensor shards, forgetkern.patch on an FSDP2 model, sharded save/load), each rank asserting; a failure on any
 rank fails the test with that rank's traceback. The job is bounded in time (JOB_TIMEOUT_S)."""
@@ -22,6 +22,9 @@ pytest.importorskip("transformers")
 
 WORLD = 2
 JOB_TIMEOUT_S = 150
+# fork: the children inherit the imported torch / transformers / peft (a spawned child re-imports them, 20-40 s
+# on a loaded 2-core machine). Safe here: the parent runs no process group and no CUDA; spawn elsewhere.
+START_METHOD = "fork" if os.name == "posix" and not torch.cuda.is_initialized() else "spawn"
 
 
 def _lora_model():
@@ -220,18 +223,22 @@ def _check_fsdp_patch(rank: int) -> None:
     assert stats is None or calls >= 0
 
 
-def _worker(rank: int, init_file: str, tmp: str, result_dir: str) -> None:
+def _worker(rank: int, init_file: str, tmp: str, result_dir: str, t_spawn: float) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    out = {"start_s": time.time() - t_spawn}
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    out = {}
     try:
         t = time.perf_counter()
-        _check_ddp(rank)
-        out["ddp_s"] = time.perf_counter() - t
-        out.update(_check_fisher(rank))
-        out.update(_check_fsdp_ewc(rank, tmp))
-        _check_fsdp_patch(rank)
+        import forgetkern  # noqa: F401
+        import peft  # noqa: F401
+        out["import_s"] = time.perf_counter() - t
+        for name, fn in (("ddp", _check_ddp), ("fisher", _check_fisher), ("fsdp_ewc", _check_fsdp_ewc),
+                         ("fsdp_patch", _check_fsdp_patch)):
+            t = time.perf_counter()
+            r = fn(rank, tmp) if name == "fsdp_ewc" else fn(rank)
+            out[f"{name}_s"] = time.perf_counter() - t
+            out.update(r or {})
         torch.save(out, os.path.join(result_dir, f"rank{rank}.pt"))
     except BaseException:
         with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:
@@ -244,8 +251,8 @@ def _worker(rank: int, init_file: str, tmp: str, result_dir: str) -> None:
 def test_distributed_two_processes():
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        ctx = mp.start_processes(_worker, args=(init_file, tmp, tmp), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+        ctx = mp.start_processes(_worker, args=(init_file, tmp, tmp, time.time()), nprocs=WORLD, join=False,
+                                 start_method=START_METHOD)
         deadline = time.monotonic() + JOB_TIMEOUT_S
         try:
             while not ctx.join(timeout=1.0):
