@@ -19,6 +19,9 @@ Public API (optional dependencies such as triton, transformers and peft are impo
     forgetkern.olora_loss(past_A, cur_A, norm="l1" | "fro2")               # O-LoRA orthogonality loss, all layers
     forgetkern.project_out_(tensors, bases, side="left" | "right")          # X -= U U^T X / X V V^T, all layers
     forgetkern.OLoRA / OPLoRA / GPM(peft_model, ...)                        # .loss() / .project_() / .new_task()
+    forgetkern.merge_models / merge_lora / merge_safetensors / wise_ft      # task arithmetic, TIES, DARE, WiSE-FT
+    forgetkern.MSSR(n_replay, replay_ratio=)                                # memory-strength scheduled replay
+    forgetkern.save_state(path, ewc=..., opt=...) / load_state(path, ...)  # safetensors checkpoints, per rank
     forgetkern.use_backend("torch" | "cpp" | "cuda" | "triton" | "auto")    # context manager
 
 Measuring forgetting: ``forgetkern.eval`` (perplexity, multiple choice, BWT, ``ForgettingReport``), data helpers
@@ -50,6 +53,8 @@ from forgetkern.ops.adamw_ewc import adamw_ewc_
 from forgetkern import optim
 from forgetkern.replay import MSSR
 from forgetkern.merge import merge_lora, merge_models, merge_safetensors, merge_task_vectors, wise_ft
+from forgetkern import checkpoint
+from forgetkern.checkpoint import load_state, save_state
 
 __all__ = [
     "__version__",
@@ -91,4 +96,7 @@ __all__ = [
     "merge_safetensors",
     "wise_ft",
     "MSSR",
+    "checkpoint",
+    "save_state",
+    "load_state",
 ]

@@ -31,6 +31,7 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
+from forgetkern import _sharded
 from forgetkern.ops.ewc_delta_w import ewc_delta_w, ewc_delta_w_and_grad_
 from forgetkern.ops.ewc_penalty import ewc_penalty, ewc_penalty_and_grad_
 
@@ -70,7 +71,8 @@ def _check_fisher_tensor(name: str, f, shape) -> None:
     if tuple(f.shape) != tuple(shape):
         raise ValueError(f"EWC: fisher[{name!r}] has shape {tuple(f.shape)}, the model's tensor has {tuple(shape)}; "
                          f"was the Fisher estimated on another model?")
-    if not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
+    loc = f.to_local() if hasattr(f, "to_local") else f  # a DTensor: each rank checks its shard
+    if not bool(torch.isfinite(loc).all()) or bool((loc < 0).any()):
         raise ValueError(f"EWC: fisher[{name!r}] has negative or non-finite entries; a diagonal Fisher is finite "
                          f"and >= 0")
 
@@ -151,6 +153,8 @@ class EWC:
             f = f.detach()
             if self.target == "delta_w" and self._sites[n].fan_in_fan_out:
                 f = f.T  # Conv1D stores W as [in, out]; the update s B A is [out, in]
+            if self.target == "params":
+                f = _sharded.shard_like(f, self._params[n])  # FSDP2: keep this rank's slice only
             out.append(f.to(self.state_dtype).contiguous().clone())
         return out
 

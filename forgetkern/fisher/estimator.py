@@ -150,10 +150,16 @@ class FisherEstimator:
 
     # ---- full estimate -------------------------------------------------------------------------------------
     def estimate(self, dataloader: Iterable, *, max_batches: Optional[int] = None,
-                 progress: bool = True) -> Dict[str, torch.Tensor]:
+                 progress: bool = True, process_group=None, distributed: bool = True) -> Dict[str, torch.Tensor]:
         """Estimate the diagonal Fisher over ``dataloader`` (old-task or general data); returns ``{name: F}``.
 
         The result also replaces :attr:`fisher`. ``max_batches`` stops early; ``progress`` shows a tqdm bar.
+
+        Under ``torch.distributed`` (a default process group is initialised, or ``process_group`` is given) each
+        rank estimates over its own part of the data (e.g. a ``DistributedSampler``), then the unnormalised sums,
+        the non-finite flags and the sample / token / batch counts are all-reduced ONCE at the end (one float32
+        all-reduce of the Fisher's size plus one of 4 int64s), so every rank returns the Fisher one process would
+        compute over the union of the ranks' data. ``distributed=False`` keeps each rank's own estimate.
         """
         from tqdm.auto import tqdm
 
@@ -181,8 +187,13 @@ class FisherEstimator:
                     bar.update(1)
             finally:
                 bar.close()
+        group = _process_group(process_group, distributed)
+        if group is not None:
+            count, samples, tokens, batches_seen = _all_reduce_sums(sums, flags, group,
+                                                                   [count, samples, tokens, batches_seen])
         if count == 0:
-            raise ValueError("FisherEstimator.estimate: the dataloader gave no batch")
+            raise ValueError("FisherEstimator.estimate: the dataloader gave no batch"
+                             + (" on any rank" if group is not None else ""))
         if self.normalize == "token" and self.granularity != "batch":
             count = tokens
             if tokens == 0:
@@ -302,7 +313,11 @@ class FisherEstimator:
         multi-tensor :func:`forgetkern.fisher_accumulate_` launch.
 
         ``grad`` is whatever the step's loss produced (typically the mini-batch MEAN gradient, i.e. the
-        "batch" granularity above, under the training loss's normalisation). Parameters without a gradient
+        "batch" granularity above, under the training loss's normalisation). Under DistributedDataParallel the
+        ``.grad`` after ``backward()`` is already averaged over the ranks, so this estimates the square of the
+        GLOBAL-batch mean gradient, ``(1/R sum_r g_r)^2``, not the mean of the ranks' squares
+        ``1/R sum_r g_r^2`` (which is about R times larger for uncorrelated noise): every rank computes the same
+        EMA with no extra communication, and it equals what one process computes on the global batch. Parameters without a gradient
         are skipped. Non-finite gradient elements are skipped (the state keeps its old value); returns the
         0-dim float32 found-non-finite flag (no host sync); :attr:`ema_nonfinite` tells if any update saw one.
         """
@@ -331,10 +346,82 @@ class FisherEstimator:
         self._ema_flag = found if self._ema_flag is None else torch.maximum(self._ema_flag, found)
         return found
 
+    # ---- state ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, object]:
+        """The running state (the Fisher / EMA, counts, non-finite flags) and the settings it depends on, for
+        :func:`forgetkern.save_state` (or ``torch.save``)."""
+        return {"version": 1, "labels": self.labels, "granularity": self.granularity, "normalize": self.normalize,
+                "names": list(self.params), "fisher": dict(self.fisher), "num_samples": self.num_samples,
+                "num_tokens": self.num_tokens, "nonfinite": list(self.nonfinite), "ema_flag": self._ema_flag}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Restore :meth:`state_dict` into an estimator built with the same settings on the same model."""
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError("FisherEstimator.load_state_dict: not a FisherEstimator state_dict (version 1)")
+        for key in ("labels", "granularity", "normalize"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"FisherEstimator.load_state_dict: the state was taken with {key}="
+                                 f"{state[key]!r}, this estimator has {getattr(self, key)!r}")
+        if list(state["names"]) != list(self.params):
+            raise ValueError(f"FisherEstimator.load_state_dict: the state covers {len(state['names'])} parameters, "
+                             f"this estimator {len(self.params)}: build it with the same model and params=")
+        fisher = {}
+        for n, f in state["fisher"].items():
+            p = self.params.get(n)
+            if p is None or tuple(f.shape) != tuple(p.shape):
+                raise ValueError(f"FisherEstimator.load_state_dict: Fisher {n!r} of shape {tuple(f.shape)} does "
+                                 f"not match the model's parameter")
+            fisher[n] = f.to(device=p.device, dtype=torch.float32)
+        self.fisher = fisher
+        self.num_samples, self.num_tokens = int(state["num_samples"]), int(state["num_tokens"])
+        self.nonfinite = list(state["nonfinite"])
+        self._ema_flag = state["ema_flag"]
+
     @property
     def ema_nonfinite(self) -> bool:
         """True if an EMA update (:meth:`update_from_grads`) skipped a non-finite gradient (syncs the device)."""
         return self._ema_flag is not None and bool(self._ema_flag.item())
+
+
+def _process_group(process_group, distributed: bool):
+    """The group to all-reduce over, or None (one process, or ``distributed=False``)."""
+    if not distributed:
+        return None
+    dist = torch.distributed
+    if process_group is not None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("FisherEstimator.estimate: process_group was given but torch.distributed is not "
+                               "initialised (call torch.distributed.init_process_group first)")
+        return process_group if dist.get_world_size(process_group) > 1 else None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def _all_reduce_sums(sums: Dict[str, torch.Tensor], flags: Dict[str, torch.Tensor], group, counts) -> list:
+    """Sum ``sums`` (in place), the non-finite ``flags`` and the integer ``counts`` over ``group``: one float32
+    all-reduce over the flattened sums and flags, one int64 all-reduce of the counts."""
+    dist = torch.distributed
+    names = list(sums)
+    device = sums[names[0]].device
+    if any(sums[n].device != device for n in names):
+        raise ValueError("FisherEstimator.estimate: a distributed estimate needs every selected parameter on one "
+                         "device")
+    flag_vec = torch.stack([flags[n].to(device=device, dtype=torch.float32).reshape(())
+                            if n in flags else torch.zeros((), dtype=torch.float32, device=device) for n in names])
+    flat = torch.cat([sums[n].reshape(-1) for n in names] + [flag_vec])
+    dist.all_reduce(flat, group=group)
+    off = 0
+    for n in names:
+        k = sums[n].numel()
+        sums[n].copy_(flat[off:off + k].view_as(sums[n]))
+        off += k
+    for i, n in enumerate(names):
+        if float(flat[off + i]) > 0 or n in flags:
+            flags[n] = (flat[off + i] > 0).to(torch.float32)
+    c = torch.tensor(counts, dtype=torch.int64, device=device)
+    dist.all_reduce(c, group=group)
+    return [int(v) for v in c.tolist()]
 
 
 def _batch_size(batch) -> int:

@@ -18,6 +18,10 @@ is read), parameters in float32/float16/bfloat16/float64; math is always float32
 Online EWC (Schwarz et al., 2018) keeps ONE running Fisher ``F <- gamma * F + F_new`` (see
 :func:`forgetkern.fisher_accumulate_` with ``decay=gamma``) and one anchor; separate EWC keeps one
 (anchor, Fisher) pair per old task: call the op once per task, or concatenate the lists.
+
+Sharded parameters (DTensors from FSDP2's ``fully_shard``): both functions run the kernel on every rank's local
+shards and all-reduce the 0-dim penalty once (4 bytes); anchors, Fishers and grads must be DTensors laid out like
+the parameters (``forgetkern/_sharded.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import List
 
 import torch
 
-from forgetkern import _backend, _ext, _validate
+from forgetkern import _backend, _ext, _sharded, _validate
 from forgetkern.reference import ewc_penalty as reference
 
 OP = _backend.register_op("ewc_fused", "ewc_penalty_and_grad_", "ewc_penalty")
@@ -142,6 +146,11 @@ def ewc_penalty_and_grad_(params, anchors, fishers, *, lam: float, grads) -> tor
         Add it to your logged loss; its gradient is already in ``grads``.
     """
     op = "ewc_penalty_and_grad_"
+    if _sharded.any_dtensor(params, anchors, fishers, grads):  # FSDP2: local shards, one scalar all-reduce
+        mesh, loc = _sharded.local_lists(op, list(params), {"params": params, "anchors": anchors,
+                                                            "fishers": fishers, "grads": grads})
+        local = ewc_penalty_and_grad_(loc["params"], loc["anchors"], loc["fishers"], lam=lam, grads=loc["grads"])
+        return _sharded.all_reduce_sum(local, mesh)
     params, anchors, fishers, lam, grads, device = _check(op, params, anchors, fishers, lam, grads)
     if not params:
         return torch.zeros((), dtype=torch.float32, device=device)
@@ -157,6 +166,10 @@ def ewc_penalty(params, anchors, fishers, lam: float) -> torch.Tensor:
     (``create_graph=True``) is supported: the gradient is then computed with differentiable torch ops (its own
     derivative is ``lam * F``). When you do not need autograd, :func:`ewc_penalty_and_grad_` saves the gradient allocation and the graph.
     """
+    if _sharded.any_dtensor(params, anchors, fishers):  # FSDP2: local shards, one scalar all-reduce
+        mesh, loc = _sharded.local_lists("ewc_penalty", list(params), {"params": params, "anchors": anchors,
+                                                                       "fishers": fishers})
+        return _sharded.all_reduce_sum(ewc_penalty(loc["params"], loc["anchors"], loc["fishers"], lam), mesh)
     params, anchors, fishers, lam, _, device = _check("ewc_penalty", params, anchors, fishers, lam)
     if not params:
         return torch.zeros((), dtype=torch.float32, device=device)

@@ -77,6 +77,9 @@ def patch(model: nn.Module, *, backend: str = "auto", fuse_siblings: bool = True
             todo.append((name, m))
     if todo:
         _check_op_available()
+        # load the extensions and fill the backend cache now: under torch.compile the first forward would
+        # otherwise trace the loader (a lock: a graph break in every patched layer)
+        _backend.availability(todo[0][1].base_layer.weight.device.type, "lora_linear")
         if backend != "auto":  # an explicit backend that cannot run the op here fails now, not mid-training
             device = todo[0][1].base_layer.weight.device
             with _backend.use_backend(backend, op="lora_linear"):

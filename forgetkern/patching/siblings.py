@@ -68,6 +68,10 @@ class SiblingGroup:
     # -- the fused call ----------------------------------------------------------------------------------
     def forward(self, module: nn.Module, x: torch.Tensor, plan):
         """The output of ``module`` from the group's fused call, or ``None`` to compute it alone."""
+        if torch.compiler.is_compiling():
+            # the pending-output bookkeeping (weak refs, version counters) cannot be traced: under torch.compile
+            # every layer calls the op alone, and the compiler sees the shared input itself
+            return None
         if x.is_inference():
             self._drop()
             return None

@@ -18,6 +18,8 @@ import torch
 
 from forgetkern.eval import perplexity, relative_drop
 
+STATE_SUBDIR = "forgetkern"  # inside a Trainer checkpoint-N directory
+
 
 def _transformers():
     try:
@@ -40,13 +42,17 @@ class ForgettingCallback(_callback_base()):
         ewc: an optional :class:`forgetkern.EWC` whose gradient is added before every optimizer step.
         stop: whether to stop past the threshold (else only log and flag).
         batch_size: evaluation batch size.
+        state: ``{name: object}`` of forgetkern state to checkpoint with the Trainer (the ``ewc`` is included
+            as ``"ewc"`` by default; add e.g. ``{"fisher": estimator, "oplora": oplora}``): every Trainer save
+            writes it (:func:`forgetkern.save_state`) into ``<checkpoint-N>/forgetkern``, and a run resumed
+            from ``checkpoint-N`` (``trainer.train(resume_from_checkpoint=...)``) loads it back at the start.
 
     After training, :attr:`history` lists ``{"step", "general_ppl", "general_drop"}`` and :attr:`stopped_at`
     the step at which the threshold stopped the run (``None`` if it did not).
     """
 
     def __init__(self, general: torch.Tensor, *, threshold: float = 0.05, ewc=None, stop: bool = True,
-                 batch_size: int = 8):
+                 batch_size: int = 8, state: Optional[dict] = None):
         if not isinstance(general, torch.Tensor) or general.dim() != 2:
             raise ValueError("ForgettingCallback: general must be token windows [N, T] (forgetkern.data.text_windows)")
         if not 0.0 < threshold < 1.0:
@@ -58,11 +64,36 @@ class ForgettingCallback(_callback_base()):
         self.stopped_at: Optional[int] = None
         self._model = None
         self._last_penalty = None
+        self.state_objects = dict(state or {})
+        if ewc is not None:
+            self.state_objects.setdefault("ewc", ewc)
+        self.resumed_from: Optional[str] = None
+
+    def _state_dir(self, args, step: int) -> str:
+        import os
+
+        return os.path.join(args.output_dir, f"checkpoint-{step}", STATE_SUBDIR)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._model = model
+        if self.state_objects and state.global_step > 0:  # the Trainer restored checkpoint-<global_step>
+            import os
+
+            from forgetkern.checkpoint import load_state
+
+            d = self._state_dir(args, state.global_step)
+            if os.path.isdir(d):
+                load_state(d, **self.state_objects)
+                self.resumed_from = d
         if self.baseline is None:
             self.baseline = perplexity(model, self.general, batch_size=self.batch_size)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.state_objects:
+            from forgetkern.checkpoint import save_state
+
+            save_state(self._state_dir(args, state.global_step), **self.state_objects)
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
