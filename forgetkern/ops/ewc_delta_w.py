@@ -37,10 +37,21 @@ KERNELS = _backend.Kernels(
     OP,
     torch=lambda: reference.ewc_delta_w,
     cpp=lambda: _ext.cpu_ops().ewc_delta_w,
+    triton=lambda: _triton().ewc_delta_w,
 )
 
 
+def _triton():
+    from forgetkern.triton import ewc_delta_w as tri
+
+    return tri
+
+
 def _kernel(lora_a):
+    # the Triton kernel computes in float32 with ranks <= 64: float64 factors (gradcheck) and larger ranks run
+    # on the other backends
+    if any(a.dtype == torch.float64 or a.shape[0] > 64 for a in lora_a):
+        return KERNELS(lora_a[0].device, supported=tuple(b for b in KERNELS.backends if b != "triton"))
     return KERNELS(lora_a[0].device)
 
 
