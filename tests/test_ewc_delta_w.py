@@ -215,7 +215,7 @@ def test_autograd_matches_torch_autograd_of_the_materialised_penalty(backend, de
         torch.testing.assert_close(x.grad, g, rtol=4 * EPS[dtype], atol=4 * EPS[dtype] * float(g.abs().max()))
 
 
-@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b.values[0] in ("torch", "cpp")])
+@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b.values[0] in ("torch", "cpp", "cuda")])
 def test_gradcheck_fp64(backend, device):
     lora_a, lora_b, fishers, *_, scaling = to_dev(_layers([(4, 5, 2), (3, 2, 1)], torch.float64, torch.float64,
                                                           seed=5), device)
@@ -235,7 +235,7 @@ def test_double_backward():
         lambda a, b: forgetkern.ewc_delta_w([a], [b], fishers, scaling=scaling, lam=LAM), leaves)
 
 
-@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b.values[0] in ("torch", "cpp")])
+@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b.values[0] in ("torch", "cpp", "cuda")])
 def test_opcheck(backend, device):
     lora_a, lora_b, fishers, grads_a, grads_b, scaling = to_dev(_layers([(5, 6, 3), (2, 9, 1)], torch.float32,
                                                                         torch.bfloat16, seed=7), device)
@@ -303,5 +303,8 @@ def test_rank_above_the_triton_limit_is_refused_there_and_runs_elsewhere():
     if _backend.triton_available():
         with forgetkern.use_backend("triton"), pytest.raises(forgetkern.BackendError, match="implemented: torch"):
             forgetkern.ewc_delta_w(lora_a, lora_b, fishers, scaling=scaling, lam=LAM)
+    if _backend.availability("cuda", "ewc_delta_w").get("cuda") is None and torch.cuda.is_available():
+        with forgetkern.use_backend("cuda"), pytest.raises(forgetkern.BackendError, match="implemented: torch"):
+            forgetkern.ewc_delta_w(*to_dev((lora_a, lora_b, fishers), "cuda"), scaling=scaling, lam=LAM)
     with forgetkern.use_backend("torch"):
         torch.testing.assert_close(forgetkern.ewc_delta_w(lora_a, lora_b, fishers, scaling=scaling, lam=LAM), want)

@@ -37,6 +37,7 @@ KERNELS = _backend.Kernels(
     OP,
     torch=lambda: reference.ewc_delta_w,
     cpp=lambda: _ext.cpu_ops().ewc_delta_w,
+    cuda=lambda: _ext.cuda_ops().ewc_delta_w,
     triton=lambda: _triton().ewc_delta_w,
 )
 
@@ -48,10 +49,15 @@ def _triton():
 
 
 def _kernel(lora_a):
-    # the Triton kernel computes in float32 with ranks <= 64: float64 factors (gradcheck) and larger ranks run
-    # on the other backends
-    if any(a.dtype == torch.float64 or a.shape[0] > 64 for a in lora_a):
-        return KERNELS(lora_a[0].device, supported=tuple(b for b in KERNELS.backends if b != "triton"))
+    # the Triton kernel computes in float32 with ranks <= 64 (float64 factors, e.g. gradcheck, and larger ranks
+    # run on the other backends); the CUDA kernel handles every dtype with ranks <= 64
+    excluded = set()
+    if any(a.dtype == torch.float64 for a in lora_a):
+        excluded.add("triton")
+    if any(a.shape[0] > 64 for a in lora_a):
+        excluded.update(("triton", "cuda"))
+    if excluded:
+        return KERNELS(lora_a[0].device, supported=tuple(b for b in KERNELS.backends if b not in excluded))
     return KERNELS(lora_a[0].device)
 
 
