@@ -100,6 +100,11 @@ DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torc
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype,f_dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_matches_oracle_per_dtype(backend, device, dtype, f_dtype):
+    if dtype == torch.float64 and backend == "triton":  # the Triton kernel computes in float32
+        lora_a, lora_b, fishers, *_, scaling = to_dev(_layers(MIXED, dtype, f_dtype), device)
+        with forgetkern.use_backend(backend), pytest.raises(forgetkern.BackendError, match="implemented: torch"):
+            forgetkern.ewc_delta_w(lora_a, lora_b, fishers, scaling=scaling, lam=LAM)
+        return
     _run_and_check(backend, device, MIXED, dtype, f_dtype)
 
 
@@ -107,6 +112,7 @@ SHAPES = {
     "r1": [(5, 7, 1)],
     "empty-dims": [(0, 5, 3), (4, 0, 3), (6, 5, 0), (0, 0, 0), (3, 4, 2)],
     "blocks": [(150, 140, 20), (3, 300, 33)],        # several row blocks and column tiles; r padded
+    "chunks": [(300, 260, 64), (257, 129, 17)],      # several row chunks per column tile (Triton); r = 64
     "many": [(3 + k, 5 + 2 * k, 1 + k % 4) for k in range(12)],
 }
 
@@ -209,7 +215,7 @@ def test_autograd_matches_torch_autograd_of_the_materialised_penalty(backend, de
         torch.testing.assert_close(x.grad, g, rtol=4 * EPS[dtype], atol=4 * EPS[dtype] * float(g.abs().max()))
 
 
-@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b.values[0] in ("torch", "cpp")])
+@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b.values[0] in ("torch", "cpp", "cuda")])
 def test_gradcheck_fp64(backend, device):
     lora_a, lora_b, fishers, *_, scaling = to_dev(_layers([(4, 5, 2), (3, 2, 1)], torch.float64, torch.float64,
                                                           seed=5), device)
@@ -229,7 +235,7 @@ def test_double_backward():
         lambda a, b: forgetkern.ewc_delta_w([a], [b], fishers, scaling=scaling, lam=LAM), leaves)
 
 
-@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b.values[0] in ("torch", "cpp")])
+@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b.values[0] in ("torch", "cpp", "cuda")])
 def test_opcheck(backend, device):
     lora_a, lora_b, fishers, grads_a, grads_b, scaling = to_dev(_layers([(5, 6, 3), (2, 9, 1)], torch.float32,
                                                                         torch.bfloat16, seed=7), device)
@@ -289,3 +295,16 @@ def test_grads_aliasing_an_input_is_refused(alias):
 def test_differentiable_form_refuses_bad_input_too():
     with pytest.raises(ValueError, match="lam must be >= 0"):
         forgetkern.ewc_delta_w([torch.zeros(2, 3)], [torch.zeros(4, 2)], [torch.zeros(4, 3)], scaling=1.0, lam=-1.0)
+
+
+def test_rank_above_the_triton_limit_is_refused_there_and_runs_elsewhere():
+    lora_a, lora_b, fishers, *_, scaling = _layers([(6, 5, 65)], torch.float32, torch.float32, seed=8)
+    want = forgetkern.ewc_delta_w(lora_a, lora_b, fishers, scaling=scaling, lam=LAM)
+    if _backend.triton_available():
+        with forgetkern.use_backend("triton"), pytest.raises(forgetkern.BackendError, match="implemented: torch"):
+            forgetkern.ewc_delta_w(lora_a, lora_b, fishers, scaling=scaling, lam=LAM)
+    if _backend.availability("cuda", "ewc_delta_w").get("cuda") is None and torch.cuda.is_available():
+        with forgetkern.use_backend("cuda"), pytest.raises(forgetkern.BackendError, match="implemented: torch"):
+            forgetkern.ewc_delta_w(*to_dev((lora_a, lora_b, fishers), "cuda"), scaling=scaling, lam=LAM)
+    with forgetkern.use_backend("torch"):
+        torch.testing.assert_close(forgetkern.ewc_delta_w(lora_a, lora_b, fishers, scaling=scaling, lam=LAM), want)

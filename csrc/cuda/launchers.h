@@ -36,3 +36,44 @@ cudaError_t ewc_finalize_launch(const double* workspace, int64_t slots, double l
 
 }  // namespace cuda
 }  // namespace forgetkern
+
+namespace forgetkern {
+namespace cuda {
+
+// ewc_delta_w (csrc/cuda/ewc_delta_w.cu). One row of the tile work table: a block handles rows
+// [m_start, m_end) (a multiple of edw_block_m() apart from the layer's end) of columns [n0, n0 + BN) of one
+// layer; its B^T g partial (edw_max_rank() x BN, compute type) goes to ws_a[wsa_slot ...], the g A^T partial of
+// its row tile m (edw_block_m() x edw_max_rank()) to ws_b[wsb_base + (m0 / BM) * wsb_mstride ...].
+struct EdwTileRow {
+  const void* a;
+  const void* b;
+  const void* f;
+  int64_t n_out, n_in, r, m_start, m_end, n0, wsa_slot, wsb_base, wsb_mstride, layer;
+};
+
+// One gradient tile: g[base + i * ld + j] (i < nrows, j < ncols) += C(s2s[layer] * lam) * sum over p < n_parts
+// of ws[ws_off + p * stride + i * cols + j] (p ascending); rows x cols is the partial tiles' shape.
+struct EdwReduceRow {
+  void* g;
+  int64_t ws_off, n_parts, stride, base, ld, nrows, ncols, rows, cols, layer;
+};
+
+int edw_block_n(DType factor_dtype);  // columns per tile (depends on the compute type)
+int edw_block_m();                    // rows per row tile
+int edw_chunk_m();                    // rows per block (a multiple of edw_block_m())
+int edw_max_rank();                   // the largest rank (the partials are padded to it)
+
+// One dtype group: the tile kernel over the device tables `tiles` (and, with write_grad, the two reduce
+// kernels over red_a / red_b). ws_a / ws_b hold compute-type (float, or double for float64 factors) partials;
+// partials[k] receives tile k's s^2 * sum(g * d) (double). s2s: s_i^2 per layer index (device doubles).
+cudaError_t ewc_delta_w_launch(const EdwTileRow* tiles, int64_t n_tiles, const EdwReduceRow* red_a,
+                               int64_t n_red_a, const EdwReduceRow* red_b, int64_t n_red_b, const double* s2s,
+                               DType factor_dtype, DType fisher_dtype, double lam, void* ws_a, void* ws_b,
+                               double* partials, bool write_grad, cudaStream_t stream);
+
+// *out = R(sum of partials[0 .. n) in a fixed order) * R(lam / 2), R = double if out_double else float.
+cudaError_t ewc_delta_w_finalize_launch(const double* partials, int64_t n, double lam, void* out, bool out_double,
+                                        cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace forgetkern

@@ -13,6 +13,11 @@ tile by tile, recompute ``B A`` per tile from the factors (rank-r products) and 
 the penalty and the gradients are reduced in a fixed order (deterministic, no float atomics) and stay on the
 device (no host sync).
 
+Backends: ``torch`` (the reference: materialises ``B A``), ``cpp`` (OpenMP), ``triton``
+(``forgetkern/triton/ewc_delta_w.py``: float32/bfloat16/float16 factors, ranks <= 64) and ``cuda``
+(``csrc/cuda/ewc_delta_w.cu``: every dtype, ranks <= 64); inputs a backend does not cover run on ``auto``'s next
+choice, and asking for that backend explicitly raises :class:`forgetkern.BackendError`.
+
 Dtypes: factors float32/bfloat16/float16/float64 (``A_i`` and ``B_i`` alike); the Fisher any float dtype
 (typically float32 or bfloat16); math in float32 (float64 for float64 factors); the penalty is float32
 (float64 if any factor is float64); gradients are stored in the factors' dtype, rounded once.
@@ -37,10 +42,27 @@ KERNELS = _backend.Kernels(
     OP,
     torch=lambda: reference.ewc_delta_w,
     cpp=lambda: _ext.cpu_ops().ewc_delta_w,
+    cuda=lambda: _ext.cuda_ops().ewc_delta_w,
+    triton=lambda: _triton().ewc_delta_w,
 )
 
 
+def _triton():
+    from forgetkern.triton import ewc_delta_w as tri
+
+    return tri
+
+
 def _kernel(lora_a):
+    # the Triton kernel computes in float32 with ranks <= 64 (float64 factors, e.g. gradcheck, and larger ranks
+    # run on the other backends); the CUDA kernel handles every dtype with ranks <= 64
+    excluded = set()
+    if any(a.dtype == torch.float64 for a in lora_a):
+        excluded.add("triton")
+    if any(a.shape[0] > 64 for a in lora_a):
+        excluded.update(("triton", "cuda"))
+    if excluded:
+        return KERNELS(lora_a[0].device, supported=tuple(b for b in KERNELS.backends if b not in excluded))
     return KERNELS(lora_a[0].device)
 
 
