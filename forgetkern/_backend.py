@@ -116,14 +116,23 @@ CPP_KERNELS = {"lora_linear": ("lora_dropout", "lora_dropout_add_"), "ewc_delta_
                "merge_task_vectors": ("merge_task_vectors", "merge_magnitude_thresholds")}
 
 
+# The same for the CUDA extension's kernels (``torch.ops.forgetkern_cuda``).
+CUDA_KERNELS = {"ewc_delta_w": ("ewc_delta_w",), "adamw_ewc": ("adamw_ewc_",)}
+
+
 def _cpp_kernels_missing(op: str) -> Optional[str]:
+    return _kernels_missing(op, CPP_KERNELS, "CPU")
+
+
+def _kernels_missing(op: str, table: Mapping, which: str) -> Optional[str]:
     from forgetkern import _ext
 
-    missing = [k for k in CPP_KERNELS[op] if not hasattr(_ext.cpu_ops(), k)]
+    ops = _ext.cpu_ops() if which == "CPU" else _ext.cuda_ops()
+    missing = [k for k in table[op] if not hasattr(ops, k)]
     if not missing:
         return None
-    return (f"the CPU extension lacks the kernels {', '.join(missing)} (built from older sources); rebuild with: "
-            f"{_ext.REBUILD}")
+    return (f"the {which} extension lacks the kernels {', '.join(missing)} (built from older sources); rebuild "
+            f"with: {_ext.REBUILD}")
 
 
 def availability(device_type: str, op: Optional[str] = None) -> Mapping[str, Optional[str]]:
@@ -157,6 +166,8 @@ def _availability(device_type: str, op: Optional[str], interpreting: bool) -> Ma
         out["triton"] = f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device_type!r}"
     if op in CPP_KERNELS and out["cpp"] is None:
         out["cpp"] = _cpp_kernels_missing(op)
+    if op in CUDA_KERNELS and out["cuda"] is None:
+        out["cuda"] = _kernels_missing(op, CUDA_KERNELS, "CUDA")
     return types.MappingProxyType(out)
 
 

@@ -25,7 +25,7 @@ task objective minus the penalty. (Negating ``.grad`` after ``EWC.apply_`` would
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -68,11 +68,10 @@ def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, fishers, l
     return params[0].new_empty((), dtype=_result_dtype(params))
 
 
-def _supported(device: torch.device) -> tuple:
-    """The backends with this op: a CUDA extension built from older sources lacks the kernel."""
-    if device.type == "cuda" and not hasattr(_ext.cuda_ops(), "adamw_ewc_"):
-        return ("torch", "triton")
-    return _backend.SUPPORTED_BY_OP["adamw_ewc"]
+def _supported(device: torch.device) -> Optional[tuple]:
+    """None: every backend of the op (an extension built from older sources lacks the kernel: see
+    ``_backend.CPP_KERNELS`` / ``CUDA_KERNELS``, which make that backend unavailable with the reason)."""
+    return None
 
 
 def _result_dtype(params) -> torch.dtype:
