@@ -117,7 +117,8 @@ CPP_KERNELS = {"lora_linear": ("lora_dropout", "lora_dropout_add_"), "ewc_delta_
 
 
 # The same for the CUDA extension's kernels (``torch.ops.forgetkern_cuda``).
-CUDA_KERNELS = {"ewc_delta_w": ("ewc_delta_w",), "adamw_ewc": ("adamw_ewc_",)}
+CUDA_KERNELS = {"ewc_delta_w": ("ewc_delta_w",), "adamw_ewc": ("adamw_ewc_",), "project_out_": ("project_out_",),
+                "olora_loss": ("olora_loss", "olora_loss_backward")}
 
 
 def _cpp_kernels_missing(op: str) -> Optional[str]:

@@ -13,17 +13,12 @@ import torch
 import forgetkern
 from forgetkern import _backend
 from forgetkern.ops.olora_loss import _olora_loss_backward_op, _olora_loss_op
-from tests._helpers import EPS, backends
+from tests._helpers import EPS, backend_devices, to_dev
 
-
-def _backends():
-    supported = _backend.SUPPORTED_BY_OP["olora_loss"]
-    return [p if p.values[0] in supported else
-            pytest.param(p.values[0], marks=pytest.mark.skip(reason="not implemented for olora_loss"),
-                         id=p.values[0]) for p in backends()]
-
-
-BACKENDS = _backends()
+# (backend, device): CPU tensors for torch / triton (interpreted), CUDA tensors for cuda (and, with a GPU, torch
+# and triton on CUDA too); a pair that cannot run here is skipped with the reason
+BACKENDS = backend_devices(_backend.SUPPORTED_BY_OP["olora_loss"], op="olora_loss")
+FLOAT32_ONLY = ("triton", "cuda")  # backends whose kernels compute in float32 (float64 runs on torch)
 
 
 def _layers(shapes, dtype, seed=0):
@@ -60,18 +55,19 @@ def _oracle(past, cur, norm):
     return loss, bound, grads
 
 
-def _run_and_check(backend, shapes, dtype, norm, seed=0, scale=1.0):
+def _run_and_check(backend, device, shapes, dtype, norm, seed=0, scale=1.0):
     past, cur = _layers(shapes, dtype, seed)
-    leaves = [c.clone().requires_grad_() for c in cur]
+    past_d = to_dev(past, device)
+    leaves = [c.clone().to(device).requires_grad_() for c in cur]
     with forgetkern.use_backend(backend):
-        loss = forgetkern.olora_loss(past, leaves, norm=norm)
+        loss = forgetkern.olora_loss(past_d, leaves, norm=norm)
         (loss * scale).backward()
     want, bound, grads = _oracle(past, cur, norm)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert loss.dim() == 0 and loss.dtype == acc and loss.device == cur[0].device if cur else True
+    assert loss.dim() == 0 and loss.dtype == acc and loss.device.type == torch.device(device).type
     assert abs(loss.item() - want) <= bound + 1e-300, (loss.item(), want, bound)
     for i, (leaf, (g, gb)) in enumerate(zip(leaves, grads)):
-        got = leaf.grad.double()
+        got = leaf.grad.double().cpu()
         want_g = g * scale
         tol = gb * scale + EPS[dtype] * want_g.abs() + 1e-300
         bad = (got - want_g).abs() > tol
@@ -84,16 +80,35 @@ MIXED = [(32, 16, 40), (8, 5, 33), (48, 16, 70), (32, 16, 40)]  # repeated shape
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("norm", ["l1", "fro2"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_matches_oracle_per_dtype(backend, norm, dtype):
-    if dtype == torch.float64 and backend == "triton":  # the Triton kernels compute in float32
-        past, cur = _layers(MIXED, dtype)
+def test_matches_oracle_per_dtype(backend, device, norm, dtype):
+    if dtype == torch.float64 and backend in FLOAT32_ONLY:  # the kernels compute in float32
+        past, cur = to_dev(_layers(MIXED, dtype), device)
         with forgetkern.use_backend(backend), pytest.raises(forgetkern.BackendError, match="implemented: torch"):
             forgetkern.olora_loss(past, cur)
         return
-    _run_and_check(backend, MIXED, dtype, norm, scale=1.5)
+    _run_and_check(backend, device, MIXED, dtype, norm, scale=1.5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_mixed_dtypes_and_many_layers(backend, device):
+    """Layers of different dtype pairs in one call (one launch sequence per pair) and more layers than one
+    kernel-argument table holds (kOloraMaxLayers = 64): still one fixed-order sum."""
+    shapes = [(2 + k % 3, 1 + k % 5, 4 + k % 7) for k in range(70)]
+    past, cur = _layers(shapes, torch.float32, seed=4)
+    past = [p.to(torch.bfloat16) if i % 3 == 0 else p for i, p in enumerate(past)]
+    cur = [c.to(torch.float16) if i % 4 == 1 else c for i, c in enumerate(cur)]
+    leaves = [c.clone().to(device).requires_grad_() for c in cur]
+    with forgetkern.use_backend(backend):
+        loss = forgetkern.olora_loss(to_dev(past, device), leaves, norm="fro2")
+        loss.backward()
+    want, bound, grads = _oracle(past, cur, "fro2")
+    assert abs(loss.item() - want) <= bound + 1e-300, (loss.item(), want, bound)
+    for leaf, c, (g, gb) in zip(leaves, cur, grads):
+        assert leaf.grad.dtype == c.dtype
+        assert ((leaf.grad.double().cpu() - g).abs() <= gb + EPS[c.dtype] * g.abs() + 1e-300).all()
 
 
 SHAPES = {
@@ -104,34 +119,34 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("shapes", list(SHAPES), ids=str)
-def test_matches_oracle_per_shape(backend, shapes):
+def test_matches_oracle_per_shape(backend, device, shapes):
     for norm in ("l1", "fro2"):
-        _run_and_check(backend, SHAPES[shapes], torch.float32, norm, seed=1)
+        _run_and_check(backend, device, SHAPES[shapes], torch.float32, norm, seed=1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_no_past_gives_zero_and_zero_grad(backend):
-    a = torch.randn(4, 9, requires_grad=True)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_no_past_gives_zero_and_zero_grad(backend, device):
+    a = torch.randn(4, 9, device=device, requires_grad=True)
     with forgetkern.use_backend(backend):
-        loss = forgetkern.olora_loss([torch.zeros(0, 9)], [a])
+        loss = forgetkern.olora_loss([torch.zeros(0, 9, device=device)], [a])
         loss.backward()
         assert loss.item() == 0.0 and torch.equal(a.grad, torch.zeros_like(a))
         assert forgetkern.olora_loss([], []).item() == 0.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_orthogonal_factors_have_zero_loss(backend):
-    q = torch.linalg.qr(torch.randn(50, 24, dtype=torch.float64))[0].t().float()  # 24 orthonormal rows
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_orthogonal_factors_have_zero_loss(backend, device):
+    q = torch.linalg.qr(torch.randn(50, 24, dtype=torch.float64))[0].t().float().to(device)  # 24 orthonormal rows
     with forgetkern.use_backend(backend):
         loss = forgetkern.olora_loss([q[:8]], [q[8:]], norm="fro2")
     assert loss.item() < 1e-10
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_deterministic(backend):
-    past, cur = _layers([(40, 17, 70)], torch.float32, 3)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_deterministic(backend, device):
+    past, cur = to_dev(_layers([(40, 17, 70)], torch.float32, 3), device)
     outs = []
     for _ in range(2):
         leaves = [c.clone().requires_grad_() for c in cur]
@@ -150,16 +165,16 @@ def test_gradcheck_and_double_backward_float64():
     assert torch.autograd.gradgradcheck(lambda *a: forgetkern.olora_loss(past, list(a), norm="fro2"), leaves)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
-    past, cur = _layers([(6, 3, 7), (20, 16, 33)], torch.float32, 6)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_opcheck(backend, device):
+    past, cur = to_dev(_layers([(6, 3, 7), (20, 16, 33)], torch.float32, 6), device)
     leaves = [c.clone().requires_grad_() for c in cur]
     # the aot_dispatch checks trace the op's registration, the same for every backend: once, on torch
     utils = None if backend == "torch" else ("test_schema", "test_autograd_registration", "test_faketensor")
     kw = {} if utils is None else {"test_utils": utils}
     with forgetkern.use_backend(backend):
         torch.library.opcheck(_olora_loss_op, (past, leaves, "l1"), **kw)
-        torch.library.opcheck(_olora_loss_backward_op, (past, cur, "fro2", torch.tensor(2.0)), **kw)
+        torch.library.opcheck(_olora_loss_backward_op, (past, cur, "fro2", torch.tensor(2.0, device=device)), **kw)
 
 
 def test_bad_inputs():

@@ -11,17 +11,13 @@ import torch
 import forgetkern
 from forgetkern import _backend
 from forgetkern.ops.project_out import _project_out_op
-from tests._helpers import EPS, backends
+from forgetkern.ops.project_out import CUDA_MAX_K
+from tests._helpers import EPS, backend_devices, to_cpu, to_dev
 
-
-def _backends():
-    supported = _backend.SUPPORTED_BY_OP["project_out_"]
-    return [p if p.values[0] in supported else
-            pytest.param(p.values[0], marks=pytest.mark.skip(reason="not implemented for project_out_"),
-                         id=p.values[0]) for p in backends()]
-
-
-BACKENDS = _backends()
+# (backend, device): CPU tensors for torch / triton (interpreted), CUDA tensors for cuda (and, with a GPU, torch
+# and triton on CUDA too); a pair that cannot run here is skipped with the reason
+BACKENDS = backend_devices(_backend.SUPPORTED_BY_OP["project_out_"], op="project_out_")
+FLOAT32_ONLY = ("triton", "cuda")  # backends whose kernels compute in float32 (float64 runs on torch)
 
 
 def _basis(m, k, gen, dtype=torch.float32):
@@ -46,11 +42,13 @@ def _oracle(x, u, side):
     return x - (x @ u) @ u.t(), x.abs() + (x.abs() @ u.abs()) @ u.abs().t()
 
 
-def _run_and_check(backend, shapes, side, x_dtype, u_dtype=torch.float32, seed=0):
+def _run_and_check(backend, device, shapes, side, x_dtype, u_dtype=torch.float32, seed=0):
     xs, us = _case(shapes, side, x_dtype, u_dtype, seed)
     want = [_oracle(x, u, side) for x, u in zip(xs, us)]
+    xd, ud = to_dev((xs, us), device)
     with forgetkern.use_backend(backend):
-        forgetkern.project_out_(xs, us, side=side)
+        forgetkern.project_out_(xd, ud, side=side)
+    xs = to_cpu(xd)
     acc = torch.float64 if torch.float64 in (x_dtype, u_dtype) else torch.float32
     for i, ((m, n, k), x, (w, mag)) in enumerate(zip(shapes, xs, want)):
         assert x.dtype == x_dtype
@@ -65,16 +63,30 @@ DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torc
           (torch.float16, torch.float32), (torch.float64, torch.float64)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("x_dtype,u_dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_matches_oracle_per_dtype(backend, side, x_dtype, u_dtype):
-    if backend == "triton" and x_dtype == torch.float64:  # the Triton kernel computes in float32
-        xs, us = _case(MIXED, side, x_dtype, u_dtype)
+def test_matches_oracle_per_dtype(backend, device, side, x_dtype, u_dtype):
+    if backend in FLOAT32_ONLY and x_dtype == torch.float64:  # the kernel computes in float32
+        xs, us = to_dev(_case(MIXED, side, x_dtype, u_dtype), device)
         with forgetkern.use_backend(backend), pytest.raises(forgetkern.BackendError, match="implemented: torch"):
             forgetkern.project_out_(xs, us, side=side)
         return
-    _run_and_check(backend, MIXED, side, x_dtype, u_dtype)
+    _run_and_check(backend, device, MIXED, side, x_dtype, u_dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_large_basis(backend, device):
+    """k > CUDA_MAX_K: the CUDA kernel stages at most CUDA_MAX_K basis columns, such bases run elsewhere (on
+    request of the cuda backend: a BackendError naming the backends that take them; on auto: they run)."""
+    shapes = [(CUDA_MAX_K + 30, 5, CUDA_MAX_K + 2), (20, 3, 4)]
+    if backend == "cuda":
+        xs, us = to_dev(_case(shapes, "left", torch.float32, torch.float32), device)
+        with forgetkern.use_backend(backend), pytest.raises(forgetkern.BackendError,
+                                                            match="implemented: torch, triton"):
+            forgetkern.project_out_(xs, us, side="left")
+        backend = "auto"
+    _run_and_check(backend, device, shapes, "right", torch.float32)
 
 
 SHAPES = {
@@ -84,19 +96,19 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("shapes", list(SHAPES), ids=str)
-def test_matches_oracle_per_shape(backend, shapes):
+def test_matches_oracle_per_shape(backend, device, shapes):
     for side in ("left", "right"):
-        _run_and_check(backend, SHAPES[shapes], side, torch.float32, seed=1)
+        _run_and_check(backend, device, SHAPES[shapes], side, torch.float32, seed=1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_invariants(backend):
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_invariants(backend, device):
     """The result is orthogonal to the basis (to 1e-6 in float32) and projecting again changes nothing."""
     gen = torch.Generator().manual_seed(2)
     for side in ("left", "right"):
-        xs, us = _case([(96, 16, 24), (40, 8, 39)], side, torch.float32, torch.float32, seed=2)
+        xs, us = to_dev(_case([(96, 16, 24), (40, 8, 39)], side, torch.float32, torch.float32, seed=2), device)
         with forgetkern.use_backend(backend):
             forgetkern.project_out_(xs, us, side=side)
             for x, u in zip(xs, us):
@@ -109,9 +121,9 @@ def test_invariants(backend):
     del gen
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
-    xs, us = _case([(20, 4, 3), (17, 16, 5)], "left", torch.float32, torch.float32, seed=3)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_opcheck(backend, device):
+    xs, us = to_dev(_case([(20, 4, 3), (17, 16, 5)], "left", torch.float32, torch.float32, seed=3), device)
     # the aot_dispatch checks trace the op's registration, the same for every backend: once, on torch
     utils = None if backend == "torch" else ("test_schema", "test_autograd_registration", "test_faketensor")
     kw = {} if utils is None else {"test_utils": utils}

@@ -11,8 +11,11 @@ earlier tasks, stacked along the rank as the O-LoRA code does) and the current a
 The loss is a 0-dim tensor on the device (no host sync), float32 (float64 if any factor is float64); the
 math runs in float32 (float64) whatever the factors' dtype, gradients are rounded once to ``A_i``'s dtype.
 The backward is one fused call too (it recomputes the small ``P_i`` rather than saving it). Backends:
-``torch`` (one ``mm`` per layer, fixed-order sum: the CPU path) and ``triton`` (one launch per dtype
-over a (layer, tile) grid, fixed-order reduction: deterministic).
+``torch`` (one ``mm`` per layer, fixed-order sum: the CPU path), ``triton`` (one launch per dtype
+over a (layer, tile) grid, fixed-order reduction: deterministic) and ``cuda`` (csrc/cuda/olora_loss.cu: one
+launch per dtype pair over a (layer, 32 x 32 tile of P) grid, the layer table in the kernel arguments, the
+factors' slabs staged in shared memory, one double partial per block summed in a fixed order; the backward is
+a seed kernel (S into a small float32 scratch) and a (layer, dA tile) kernel). float64 runs on ``torch``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import List
 
 import torch
 
-from forgetkern import _backend, _validate
+from forgetkern import _backend, _ext, _validate
 from forgetkern.reference import olora_loss as reference
 from forgetkern.reference.olora_loss import NORMS, acc_dtype
 
@@ -34,13 +37,15 @@ def _triton():
     return olora_loss
 
 
-FWD_KERNELS = _backend.Kernels(OP, torch=lambda: reference.olora_loss, triton=lambda: _triton().olora_loss)
+FWD_KERNELS = _backend.Kernels(OP, torch=lambda: reference.olora_loss, triton=lambda: _triton().olora_loss,
+                               cuda=lambda: _ext.cuda_ops().olora_loss)
 BWD_KERNELS = _backend.Kernels(OP, torch=lambda: reference.olora_loss_backward,
-                               triton=lambda: _triton().olora_loss_backward)
+                               triton=lambda: _triton().olora_loss_backward,
+                               cuda=lambda: _ext.cuda_ops().olora_loss_backward)
 
 
 def _kernel(past, cur, kernels):
-    # the Triton kernels compute in float32: float64 inputs (gradcheck) run on the torch backend
+    # the Triton and CUDA kernels compute in float32: float64 inputs (gradcheck) run on the torch backend
     f64 = any(t.dtype == torch.float64 for t in list(past) + list(cur))
     return kernels(cur[0].device, supported=("torch",) if f64 else None)
 

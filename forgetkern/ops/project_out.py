@@ -9,8 +9,11 @@ Math, per layer ``i`` (the shared step of OPLoRA and GPM / InfLoRA-style gradien
 their span, and applying it twice changes nothing). The dense projector ``I - U U^T`` (m x m) is never formed:
 two skinny products per layer, ``O(m n k)`` work. The math runs in float32 (float64 for float64 inputs), the
 result is rounded once to ``X_i``'s dtype. ``k_i = 0`` leaves ``X_i`` as it is. Backends: ``torch`` (one ``mm`` and
-one in-place ``addmm_`` per layer: the CPU path) and ``triton`` (one launch per dtype pair, one program per layer,
-the basis processed in column blocks).
+one in-place ``addmm_`` per layer: the CPU path), ``triton`` (one launch per dtype pair, one program per layer,
+the basis processed in column blocks) and ``cuda`` (csrc/cuda/project_out.cu: one launch per dtype pair over a
+(layer, 32-column tile) grid, the layer table in the kernel arguments, ``U`` slabs and ``C = U^T X`` staged in
+shared memory; bases with ``k <= 128`` columns, larger ones run on ``triton`` / ``torch``). float64 runs on
+``torch``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import List
 
 import torch
 
-from forgetkern import _backend, _validate
+from forgetkern import _backend, _ext, _validate
 from forgetkern.reference import project_out as reference
 from forgetkern.reference.project_out import SIDES
 
@@ -32,14 +35,23 @@ def _triton():
     return project_out
 
 
-KERNELS = _backend.Kernels(OP, torch=lambda: reference.project_out_, triton=lambda: _triton().project_out_)
+KERNELS = _backend.Kernels(OP, torch=lambda: reference.project_out_, triton=lambda: _triton().project_out_,
+                           cuda=lambda: _ext.cuda_ops().project_out_)
+CUDA_MAX_K = 128  # basis columns the CUDA kernel stages in shared memory (kProjMaxK in csrc/include/forgetkern/project_out.h)
 
 
 @torch.library.custom_op("forgetkern::project_out_", mutates_args=("tensors",))
 def _project_out_op(tensors: List[torch.Tensor], bases: List[torch.Tensor], side: str) -> None:
-    # the Triton kernel computes in float32: float64 inputs run on the torch backend
+    # the Triton and CUDA kernels compute in float32: float64 inputs run on the torch backend; the CUDA kernel
+    # keeps at most CUDA_MAX_K basis columns in shared memory
     f64 = any(t.dtype == torch.float64 for t in list(tensors) + list(bases))
-    KERNELS(tensors[0].device, supported=("torch",) if f64 else None)(tensors, bases, side)
+    if f64:
+        supported = ("torch",)
+    elif any(u.shape[1] > CUDA_MAX_K for u in bases):
+        supported = ("torch", "triton")
+    else:
+        supported = None
+    KERNELS(tensors[0].device, supported=supported)(tensors, bases, side)
 
 
 @_project_out_op.register_fake
