@@ -55,13 +55,13 @@ struct alignas(sizeof(T) * W) VecN {
 };
 
 template <typename T, int W>
-__device__ __forceinline__ bool vecn_aligned(const T* p) {
+FK_INLINE bool vecn_aligned(const T* p) {
   return (reinterpret_cast<uintptr_t>(p) % sizeof(VecN<T, W>)) == 0;
 }
 
 // One task's value of one element into the accumulators (the CPU kernel's task_tile, element by element).
 template <int PRUNE, bool ELECT, typename C, typename X>
-__device__ __forceinline__ void merge_task(const MergeMeta& m, MergeAcc<C>& a, X xv, C b, C w, C thr, C scale,
+FK_INLINE void merge_task(const MergeMeta& m, MergeAcc<C>& a, X xv, C b, C w, C thr, C scale,
                                            uint32_t key, uint64_t gi) {
   C tau = load_as<C>(xv);
   if (m.subtract_base) tau = fk_sub(tau, b);
@@ -92,12 +92,13 @@ struct MergeTypes {
   static constexpr int64_t kChunk = kOne ? kMergeThreads : kMergeChunk;
 };
 
+// Block `blk`, thread `tid` of a launch (host-callable: tests/csrc/merge_task_vectors_host.cu runs the blocks of
+// the launch plan on the CPU and checks them against the per-element math).
 template <int PRUNE, bool ELECT, typename B, typename X>
-__global__ void __launch_bounds__(kMergeThreads) merge_task_vectors_kernel(const __grid_constant__ MergeMeta m) {
+FK_INLINE void merge_block(const MergeMeta& m, int64_t blk, int tid) {
   using C = typename MergeTypes<B, X, ELECT>::C;
   constexpr int W = MergeTypes<B, X, ELECT>::W;
   constexpr int kElect = ELECT ? kMergeConsensusTotal : kMergeConsensusNone;
-  const int64_t blk = blockIdx.x;
   int j = 0;
   while (j + 1 < m.n_jobs && m.jobs[j + 1].block0 <= blk) ++j;
   const MergeJobMeta& job = m.jobs[j];
@@ -115,7 +116,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_task_vectors_kernel(const
   const uint64_t g0 = job.offset + static_cast<uint64_t>(start);
 
   if (MergeTypes<B, X, ELECT>::kOne) {
-    const int i = static_cast<int>(threadIdx.x);
+    const int i = tid;
     if (i < n) {
       const C b = load_as<C>(base[i]);
       MergeAcc<C> acc;
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_task_vectors_kernel(const
   int done = 0;
   if (aligned) {
     const int nvec = n / W;
-    for (int i = threadIdx.x; i < nvec; i += kMergeThreads) {
+    for (int i = tid; i < nvec; i += kMergeThreads) {
       const VecN<B, W> bv = reinterpret_cast<const VecN<B, W>*>(base)[i];
       C b[W];
       MergeAcc<C> acc[W];
@@ -169,7 +170,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_task_vectors_kernel(const
     done = nvec * W;
   }
 #pragma unroll 1
-  for (int i = done + static_cast<int>(threadIdx.x); i < n; i += kMergeThreads) {
+  for (int i = done + tid; i < n; i += kMergeThreads) {
     const C b = load_as<C>(base[i]);
     MergeAcc<C> acc;
     merge_acc_init(acc);
@@ -185,9 +186,15 @@ __global__ void __launch_bounds__(kMergeThreads) merge_task_vectors_kernel(const
 }
 
 template <int PRUNE, bool ELECT, typename B, typename X>
-cudaError_t launch_typed(int64_t n, const void* const* base, const void* const* inputs, void* const* out,
-                         const int64_t* numels, const uint64_t* offsets, const uint32_t* keys,
-                         const void* const* thresholds, const MergeLaunchParams& prm, cudaStream_t stream) {
+__global__ void __launch_bounds__(kMergeThreads) merge_task_vectors_kernel(const __grid_constant__ MergeMeta m) {
+  merge_block<PRUNE, ELECT, B, X>(m, blockIdx.x, static_cast<int>(threadIdx.x));
+}
+
+// Fills the launch tables and calls launch(meta, blocks) for each launch (the arguments of launchers.h).
+template <int PRUNE, bool ELECT, typename B, typename X, typename Launch>
+cudaError_t plan_launches(int64_t n, const void* const* base, const void* const* inputs, void* const* out,
+                          const int64_t* numels, const uint64_t* offsets, const uint32_t* keys,
+                          const void* const* thresholds, const MergeLaunchParams& prm, Launch&& launch) {
   using C = typename MergeTypes<B, X, ELECT>::C;
   const int64_t N = prm.n_tasks;
   MergeMeta m{};
@@ -208,12 +215,11 @@ cudaError_t launch_typed(int64_t n, const void* const* base, const void* const* 
   auto flush = [&]() -> cudaError_t {
     if (jobs == 0) return cudaSuccess;
     m.n_jobs = jobs;
-    merge_task_vectors_kernel<PRUNE, ELECT, B, X>
-        <<<static_cast<unsigned int>(blocks), kMergeThreads, 0, stream>>>(m);
+    const cudaError_t err = launch(m, blocks);
     jobs = 0;
     slots = 0;
     blocks = 0;
-    return cudaGetLastError();
+    return err;
   };
   for (int64_t t = 0; t < n; ++t) {
     if (numels[t] <= 0) continue;
@@ -241,6 +247,19 @@ cudaError_t launch_typed(int64_t n, const void* const* base, const void* const* 
   return flush();
 }
 
+#ifndef FK_MERGE_HOST_ONLY
+template <int PRUNE, bool ELECT, typename B, typename X>
+cudaError_t launch_typed(int64_t n, const void* const* base, const void* const* inputs, void* const* out,
+                         const int64_t* numels, const uint64_t* offsets, const uint32_t* keys,
+                         const void* const* thresholds, const MergeLaunchParams& prm, cudaStream_t stream) {
+  return plan_launches<PRUNE, ELECT, B, X>(n, base, inputs, out, numels, offsets, keys, thresholds, prm,
+                                           [&](const MergeMeta& m, int64_t blocks) {
+                                             merge_task_vectors_kernel<PRUNE, ELECT, B, X>
+                                                 <<<static_cast<unsigned int>(blocks), kMergeThreads, 0, stream>>>(m);
+                                             return cudaGetLastError();
+                                           });
+}
+
 template <typename B, typename X>
 cudaError_t launch_modes(int64_t n, const void* const* base, const void* const* inputs, void* const* out,
                          const int64_t* numels, const uint64_t* offsets, const uint32_t* keys,
@@ -257,10 +276,11 @@ cudaError_t launch_modes(int64_t n, const void* const* base, const void* const* 
   }
 #undef FK_MERGE_LAUNCH
 }
+#endif  // FK_MERGE_HOST_ONLY
 
 }  // namespace
 
-#ifndef FK_MERGE_KERNELS_ONLY
+#ifndef FK_MERGE_HOST_ONLY
 cudaError_t merge_task_vectors_launch(int64_t n, const void* const* base, const void* const* inputs,
                                       void* const* out, const int64_t* numels, const uint64_t* offsets,
                                       const uint32_t* keys, const void* const* thresholds, DType base_dtype,
