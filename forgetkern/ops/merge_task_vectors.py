@@ -27,6 +27,10 @@ LoRA dropout hash (``forgetkern/reference/lora_linear.py``) with the 32-bit key
 Dtypes: bases and inputs float32/bfloat16/float16/float64 (all inputs of a tensor share one dtype, which may
 differ from the base's); math in float32 (float64 when any operand is float64); ``out`` has the base's
 dtype, rounded once.
+
+Backends: torch (the reference), cpp (OpenMP), triton, cuda (``csrc/cuda/merge_task_vectors.cu``: multi-tensor
+launches whose pointer tables, DARE keys and weights travel in the kernel arguments, so at most 64 tasks per call
+on that backend; bit-identical to the reference like the cpp kernel).
 """
 
 from __future__ import annotations
