@@ -7,6 +7,8 @@
   no tensor-core GEMM of its own (the frozen GEMM is cuBLAS's), no local memory, in the SASS of both archs.
 * Its torch glue (csrc/cuda/lora_linear.cpp) built for the host against host versions of those kernels
   (tests/csrc/lora_linear_host.cpp) matches the reference op within the suite's earned tolerance.
+* The CUDA merge_task_vectors launch plan and kernel body (csrc/cuda/merge_task_vectors.cu), run block by block
+  on the CPU (tests/csrc/merge_task_vectors_host.cu), are bit-identical to the per-element math.
 * forgetkern._cuda imports without a GPU, and the build metadata says CUDA when the extension exists.
 * forgetkern._ext refuses extensions built against another torch / CUDA, with one actionable warning.
 """
@@ -536,3 +538,18 @@ def test_matching_build_info_loads_without_warning(tmp_path):
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["ops"][0] and res["cpu_error"] is None
     assert [w for w in res["warnings"] if w[0] == "ForgetkernBuildWarning"] == []
+
+
+@needs_nvcc
+def test_merge_task_vectors_plan_on_host(tmp_path):
+    """csrc/cuda/merge_task_vectors.cu's multi-tensor launch plan and kernel body, every block and thread run on
+    the CPU (tests/csrc/merge_task_vectors_host.cu): bit-identical to the per-element math of
+    merge_task_vectors.h for every prune / consensus / normalisation, aligned and unaligned tensors, empties,
+    chunk tails, offsets past 2^32 and more tensors than one launch holds."""
+    exe = tmp_path / "merge_host"
+    cmd = [NVCC, "-std=c++17", "-O2", "-DFK_CUDA", "-I", str(ROOT / "csrc" / "include"), "-I",
+           str(ROOT / "csrc" / "cuda"), "-o", str(exe), str(ROOT / "tests" / "csrc" / "merge_task_vectors_host.cu")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"nvcc failed ({' '.join(cmd)}):\n{(proc.stdout + proc.stderr)[-6000:]}"
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.startswith("ok "), run.stdout + run.stderr

@@ -1,5 +1,8 @@
 """merge_task_vectors: every backend against a float64 evaluation of the reference math, bit equality of the
-kernels with the reference in the same precision, DARE mask reproducibility, odd shapes, bad inputs, opcheck."""
+kernels with the reference in the same precision, DARE mask reproducibility, odd shapes, bad inputs, opcheck.
+Every backend on every device it runs on (tests/_helpers.py backend_devices: the cuda backend, and torch / triton
+on CUDA tensors, with a GPU; skipped with the reason without one); the expected values come from the torch
+backend on CPU."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import forgetkern
 from forgetkern.ops.merge_task_vectors import magnitude_thresholds, merge_task_vectors, task_keys
 from forgetkern.reference import merge_task_vectors as ref
 from forgetkern.reference.lora_linear import keep_mask_int64
-from tests._helpers import EPS, backends
+from tests._helpers import EPS, backend_devices, to_dev
 
 METHODS = [("task_arithmetic", {}), ("ties", {"density": 0.3}), ("dare_linear", {"p": 0.6}),
            ("dare_ties", {"p": 0.5}), ("magnitude_prune", {"density": 0.5}),
@@ -24,10 +27,24 @@ WEIGHTS = [0.7, 1.3, -0.4]
 
 
 def _backends():
-    """The backends that implement the op (each skipped with its reason when it cannot run here)."""
+    """``(backend, device)`` pairs of the backends that implement the op (each skipped with its reason when it
+    cannot run here)."""
     from forgetkern import _backend
 
-    return [b for b in backends() if b.values[0] in _backend.SUPPORTED_BY_OP["merge_task_vectors"]]
+    return backend_devices(_backend.SUPPORTED_BY_OP["merge_task_vectors"], op="merge_task_vectors")
+
+
+def _interpreted(backend, device):
+    """The Triton interpreter (CPU tensors): each program runs in Python, and 16-bit stores truncate."""
+    return backend == "triton" and device == "cpu"
+
+
+def _merge(backend, device, base, tvs, **kw):
+    """merge_task_vectors on ``backend`` with the inputs moved to ``device``; the outputs back on CPU."""
+    with forgetkern.use_backend(backend):
+        out = merge_task_vectors(to_dev(base, device), to_dev(tvs, device), **kw)
+    assert all(o.device.type == torch.device(device).type for o in out)
+    return [o.cpu() for o in out]
 
 
 def _inputs(dtype, shapes=SHAPES, n=3, seed=0):
@@ -43,14 +60,13 @@ def _mag(base, tvs, weights):
             for t, b in enumerate(base)]
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend,device", _backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("method,kw", METHODS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(METHODS)])
-def test_backend_vs_fp64(backend, dtype, method, kw):
-    base, tvs = _inputs(dtype, SMALL if backend == "triton" else SHAPES)
+def test_backend_vs_fp64(backend, device, dtype, method, kw):
+    base, tvs = _inputs(dtype, SMALL if _interpreted(backend, device) else SHAPES)
     # thresholds from the stored values (exact in every compute type: tau = x, no subtraction)
-    with forgetkern.use_backend(backend):
-        got = merge_task_vectors(base, tvs, method=method, weights=WEIGHTS, seed=5, **kw)
+    got = _merge(backend, device, base, tvs, method=method, weights=WEIGHTS, seed=5, **kw)
     with forgetkern.use_backend("torch"):
         want = merge_task_vectors([b.double() for b in base], [[x.double() for x in tv] for tv in tvs],
                                   method=method, weights=WEIGHTS, seed=5, **kw)
@@ -63,26 +79,24 @@ def test_backend_vs_fp64(backend, dtype, method, kw):
         assert bool((err <= bound + 1e-300).all()), (t, float((err - bound).max()))
         # the kernels do the reference's IEEE operations in its order (the interpreter stores bf16 / fp16 by
         # truncation, not rounding: bit equality there for float32 / float64 only)
-        if backend in ("cpp", "torch") or dtype in (torch.float32, torch.float64):
-            assert torch.equal(g, s), f"{backend} is not bit-identical to the reference (tensor {t})"
+        if not _interpreted(backend, device) or dtype in (torch.float32, torch.float64):
+            assert torch.equal(g, s), f"{backend} on {device} is not bit-identical to the reference (tensor {t})"
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_subtract_base_and_mixed_dtypes(backend):
+@pytest.mark.parametrize("backend,device", _backends())
+def test_subtract_base_and_mixed_dtypes(backend, device):
     """Fine-tuned weights in (tau = x - b on the fly) equal task vectors in; bf16 inputs with an fp32 base."""
-    base, tvs = _inputs(torch.float32, SMALL if backend == "triton" else SHAPES)
+    base, tvs = _inputs(torch.float32, SMALL if _interpreted(backend, device) else SHAPES)
     fts = [[b + x for b, x in zip(base, tv)] for tv in tvs]
     taus = [[f - b for f, b in zip(ft, base)] for ft in fts]
     for method, kw in METHODS[:5]:
-        with forgetkern.use_backend(backend):
-            a = merge_task_vectors(base, fts, method=method, weights=WEIGHTS, subtract_base=True, **kw)
+        a = _merge(backend, device, base, fts, method=method, weights=WEIGHTS, subtract_base=True, **kw)
         with forgetkern.use_backend("torch"):
             b = merge_task_vectors(base, taus, method=method, weights=WEIGHTS, **kw)
         for x, y in zip(a, b):
             assert torch.equal(x, y), method
     bf = [[x.bfloat16() for x in tv] for tv in tvs]
-    with forgetkern.use_backend(backend):
-        got = merge_task_vectors(base, bf, method="ties", density=0.3, weights=WEIGHTS)
+    got = _merge(backend, device, base, bf, method="ties", density=0.3, weights=WEIGHTS)
     with forgetkern.use_backend("torch"):
         want = merge_task_vectors(base, [[x.float() for x in tv] for tv in bf], method="ties", density=0.3,
                                   weights=WEIGHTS)
@@ -119,20 +133,19 @@ def test_magnitude_thresholds_match_kthvalue_and_peft_count():
         assert kept == (x.numel() if d >= 1 else k)
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_dare_mask_is_the_lora_hash_and_reproducible(backend):
+@pytest.mark.parametrize("backend,device", _backends())
+def test_dare_mask_is_the_lora_hash_and_reproducible(backend, device):
     """The DARE mask is the LoRA dropout hash of (key, element index): kept elements equal tau / (1 - p), the
     others 0; the same seed gives the same merge, another seed another mask; a tile with its offset gives
     the rows of the whole."""
     p = 0.7
     tau = torch.randn(40, 33, generator=torch.Generator().manual_seed(2)) + 3.0  # no zeros
     base = [torch.zeros_like(tau)]
-    with forgetkern.use_backend(backend):
-        a = merge_task_vectors(base, [[tau]], method="dare_linear", p=p, seed=11, tensor_ids=[42])[0]
-        b = merge_task_vectors(base, [[tau]], method="dare_linear", p=p, seed=11, tensor_ids=[42])[0]
-        c = merge_task_vectors(base, [[tau]], method="dare_linear", p=p, seed=12, tensor_ids=[42])[0]
-        tile = merge_task_vectors([base[0][10:20]], [[tau[10:20]]], method="dare_linear", p=p, seed=11,
-                                  tensor_ids=[42], offsets=[10 * 33])[0]
+    a = _merge(backend, device, base, [[tau]], method="dare_linear", p=p, seed=11, tensor_ids=[42])[0]
+    b = _merge(backend, device, base, [[tau]], method="dare_linear", p=p, seed=11, tensor_ids=[42])[0]
+    c = _merge(backend, device, base, [[tau]], method="dare_linear", p=p, seed=12, tensor_ids=[42])[0]
+    tile = _merge(backend, device, [base[0][10:20]], [[tau[10:20]]], method="dare_linear", p=p, seed=11,
+                  tensor_ids=[42], offsets=[10 * 33])[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(tile, a[10:20])
     key = task_keys(11, [42], 1)[0]
@@ -143,16 +156,45 @@ def test_dare_mask_is_the_lora_hash_and_reproducible(backend):
     assert abs(frac - (1 - p)) < 0.05
 
 
-def test_many_tensors_with_empties():
+@pytest.mark.parametrize("backend,device", _backends())
+def test_many_tensors_with_empties(backend, device):
+    """300 tensors (every 9th empty): more than one multi-tensor launch holds on CUDA."""
     g = torch.Generator().manual_seed(3)
-    sizes = [int(n) for n in torch.randint(0, 50, (300,), generator=g)]
+    sizes = [int(n) for n in torch.randint(0, 50, (40 if _interpreted(backend, device) else 300,), generator=g)]
     sizes[::9] = [0] * len(sizes[::9])
     base = [torch.randn(n, generator=g) for n in sizes]
     tvs = [[torch.randn(n, generator=g) for n in sizes] for _ in range(2)]
-    with forgetkern.use_backend("torch"):
-        want = merge_task_vectors(base, tvs, method="dare_ties", p=0.5, seed=1)
-    got = merge_task_vectors(base, tvs, method="dare_ties", p=0.5, seed=1)
-    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    for method, kw in (("dare_ties", {"p": 0.5}), ("ties", {"density": 0.5})):
+        with forgetkern.use_backend("torch"):
+            want = merge_task_vectors(base, tvs, method=method, seed=1, **kw)
+        got = _merge(backend, device, base, tvs, method=method, seed=1, **kw)
+        assert all(torch.equal(x, y) for x, y in zip(got, want)), method
+
+
+@pytest.mark.parametrize("backend,device", _backends())
+def test_unaligned_views(backend, device):
+    """Inputs that start one element into their storage (no 128-bit access possible: the scalar path on CUDA),
+    mixed with aligned ones in one call, for 16-bit, 32-bit and 64-bit dtypes."""
+    g = torch.Generator().manual_seed(4)
+    n = 1000 if _interpreted(backend, device) else 4099
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        base = [torch.randn(n + 1, generator=g).to(dtype)[1:], torch.randn(n, generator=g).to(dtype)]
+        tvs = [[(torch.randn(n + 1, generator=g) * 0.1).to(dtype)[1:], (torch.randn(n, generator=g) * 0.1).to(dtype)]
+               for _ in range(3)]
+        for method, kw in (("ties", {"density": 0.3}), ("dare_linear", {"p": 0.4})):
+            devb, devt = to_dev(base, device), to_dev(tvs, device)
+            if device != "cpu":  # keep the one-element offset on the device
+                devb = [torch.cat([b.new_zeros(1), b])[1:] if i == 0 else b for i, b in enumerate(devb)]
+                devt = [[torch.cat([x.new_zeros(1), x])[1:] if i == 0 else x for i, x in enumerate(tv)] for tv in devt]
+            with forgetkern.use_backend(backend):
+                got = [o.cpu() for o in merge_task_vectors(devb, devt, method=method, weights=WEIGHTS, seed=3, **kw)]
+            with forgetkern.use_backend("torch"):
+                want = merge_task_vectors(base, tvs, method=method, weights=WEIGHTS, seed=3, **kw)
+            for x, y in zip(got, want):
+                if _interpreted(backend, device) and dtype == torch.bfloat16:
+                    assert torch.allclose(x.float(), y.float(), rtol=2 ** -7, atol=0), (dtype, method)
+                else:
+                    assert torch.equal(x, y), (dtype, method)
 
 
 def test_bad_inputs():
@@ -189,9 +231,10 @@ def test_bad_inputs():
         merge_task_vectors(base, tvs, method="ties", density=0.5, thresholds=torch.zeros(5))
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_opcheck(backend):
+@pytest.mark.parametrize("backend,device", [p for p in _backends() if p.values[0] != "triton"])
+def test_opcheck(backend, device):
     base, tvs = _inputs(torch.float32, shapes=[(5, 6), (7,)], n=2)
+    base, tvs = to_dev(base, device), to_dev(tvs, device)
     flat = [tvs[k][t] for t in range(2) for k in range(2)]
     thr = magnitude_thresholds(flat, 0.5)
     with forgetkern.use_backend(backend):
@@ -217,3 +260,16 @@ def test_cpp_thresholds_equal_kthvalue():
                 taus = [(x.to(c) - base[i // 2].to(c)) if sub else x for i, x in enumerate(flat)]
                 want = magnitude_thresholds(taus, density)
                 assert got.dtype == c and torch.equal(got, want.to(c)), (dtype, density, sub)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in _backends() if p.values[0] == "cuda"])
+def test_cuda_task_limit(backend, device):
+    """The CUDA kernel takes at most 64 tasks per call (its pointer table travels in the kernel arguments); more
+    is an error that says what to do."""
+    base = [torch.zeros(8, device=device)]
+    tvs = [[torch.ones(8, device=device)] for _ in range(65)]
+    with forgetkern.use_backend(backend), pytest.raises(RuntimeError, match="at most 64 task vectors"):
+        merge_task_vectors(base, tvs)
+    with forgetkern.use_backend(backend):
+        got = merge_task_vectors(base, tvs[:64])[0]
+    assert torch.equal(got.cpu(), torch.full((8,), 64.0))

@@ -34,6 +34,34 @@ cudaError_t ewc_fused_launch(int64_t n, const void* const* params, const void* c
 cudaError_t ewc_finalize_launch(const double* workspace, int64_t slots, double lam, void* out, bool out_double,
                                 cudaStream_t stream);
 
+// merge_task_vectors: the scalars of one call (math in csrc/include/forgetkern/merge_task_vectors.h).
+struct MergeLaunchParams {
+  int64_t n_tasks;         // N (1 .. kMergeMaxTasks)
+  const double* weights;   // N weights (host)
+  int prune;               // kMergePrune*
+  int consensus;           // kMergeConsensus*
+  int normalize;           // kMergeNorm*
+  bool sign_weighted;
+  bool subtract_base;
+  int32_t drop_threshold;  // lora_keep_threshold(p)
+  double scale_f64;        // DARE rescale in double compute (1 when not rescaling)
+  double scale_f32;        // the same rounded to float (float compute)
+  double lin_div;          // divisor without election
+  double lam;
+};
+
+// Most tasks the CUDA merge takes in one call (weights and pointers travel in the kernel arguments).
+constexpr int64_t kMergeMaxTasks = 64;
+
+// One dtype group of merge_task_vectors: n tensors with base dtype `base_dtype`, inputs of `input_dtype`.
+// inputs: n * N device pointers (tensor-major); keys: n * N DARE keys (or null unless prune is random);
+// thresholds: n device pointers to each tensor's N thresholds in the compute type (or null unless prune is
+// magnitude); offsets: the flat element offsets of the DARE index. Tensors with numel 0 are skipped.
+cudaError_t merge_task_vectors_launch(int64_t n, const void* const* base, const void* const* inputs,
+                                      void* const* out, const int64_t* numels, const uint64_t* offsets,
+                                      const uint32_t* keys, const void* const* thresholds, DType base_dtype,
+                                      DType input_dtype, const MergeLaunchParams& prm, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace forgetkern
 

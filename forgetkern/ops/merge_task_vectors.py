@@ -12,8 +12,9 @@ tensor ``t`` with base ``b`` and task vectors ``tau_k = x_k - b`` (``subtract_ba
 One kernel reads every ``x_{t,k}`` and ``b`` once and writes ``out`` once: the sign election needs no
 second pass because the sums over the positive and over the negative entries are accumulated side by side
 and the elected one is kept. Thresholds for the magnitude trim are inputs (one per tensor and task): the
-exact ``k``-th largest ``|tau|``, computed beforehand (:func:`magnitude_thresholds`: ``torch.kthvalue``; on the cpp
-backend a C++ ``std::nth_element`` selection, parallel over tensors and tasks, with the same result). Values
+exact ``k``-th largest ``|tau|``, computed beforehand (:func:`magnitude_thresholds`: ``torch.kthvalue``, on the
+tensors' device, also for the cuda backend; on the cpp backend a C++ ``std::nth_element`` selection, parallel over
+tensors and tasks, with the same result). Values
 tied with the threshold are all kept, so the trim is deterministic; PEFT's ``topk`` / mergekit's ``argsort``
 keep exactly ``k`` and drop the surplus ties in an order their sort decides (rare: 5 of 62 M elements differed
 on Llama-7B-shaped random float32 task vectors).
@@ -26,6 +27,10 @@ LoRA dropout hash (``forgetkern/reference/lora_linear.py``) with the 32-bit key
 Dtypes: bases and inputs float32/bfloat16/float16/float64 (all inputs of a tensor share one dtype, which may
 differ from the base's); math in float32 (float64 when any operand is float64); ``out`` has the base's
 dtype, rounded once.
+
+Backends: torch (the reference), cpp (OpenMP), triton, cuda (``csrc/cuda/merge_task_vectors.cu``: multi-tensor
+launches whose pointer tables, DARE keys and weights travel in the kernel arguments, so at most 64 tasks per call
+on that backend; bit-identical to the reference like the cpp kernel).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ KERNELS = _backend.Kernels(
     OP,
     torch=lambda: ref.merge_task_vectors,
     cpp=lambda: _ext.cpu_ops().merge_task_vectors,
+    cuda=lambda: _ext.cuda_ops().merge_task_vectors,
     triton=lambda: _triton().merge_task_vectors,
 )
 
