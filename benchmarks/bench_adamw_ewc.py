@@ -97,6 +97,14 @@ def build(shapes, seed=0):
     return model, ewc
 
 
+PEERS = ("apply+torch-foreach", "apply+torch-fused", "apply+torch-forloop", "torch-foreach", "torch-fused")
+
+
+def runner_argv(quick: bool, device: str) -> list:
+    """Arguments for ``benchmarks/run.py``: ``quick`` steps a 2-layer LoRA list only."""
+    return ["--lists", "lora", "--layers", "2", "--repeat", "3", "--copy-mb", "32"] if quick else []
+
+
 def providers(model, ewc, mode):
     params = list(model.parameters())
     kw = dict(lr=1e-4, weight_decay=0.01)

@@ -147,7 +147,15 @@ def run_set(res, args, name, shapes, backends):
     del base, taus
 
 
-def main() -> int:
+PEERS = ("peft",)   # PEFT's merge_utils (the real package)
+
+
+def runner_argv(quick: bool, device: str) -> list:
+    """Arguments for ``benchmarks/run.py``: ``quick`` merges one SmolLM2 layer."""
+    return ["--layers", "1", "--repeat", "1", "--no-memory"] if quick else []
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4, help="SmolLM2-135M layers (the model has 30)")
     ap.add_argument("--llama", action="store_true", help="add the Llama-7B-shaped tensors")
@@ -159,7 +167,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="bench_merge")
     ap.add_argument("--out", default=str(bc.RESULTS_DIR))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.budget_s is not None and args.budget_s <= 0:
         args.budget_s = None
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())

@@ -244,6 +244,14 @@ def _time(res, args, device, op, mode, size, fns, baseline, setup=None):
                            note=f"time({baseline}) / time"))
 
 
+PEERS = ("olora-repo-loop", "gpm-dense-projector", "torch-loop-skinny")   # re-implementations, labelled
+
+
+def runner_argv(quick: bool, device: str) -> list:
+    """Arguments for ``benchmarks/run.py``: ``quick`` uses 4 layers."""
+    return ["--layers", "4", "--repeat", "3"] if quick else []
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=30, help="transformer layers (default 30, SmolLM2-135M)")
