@@ -22,9 +22,12 @@ pytest.importorskip("transformers")
 
 WORLD = 2
 JOB_TIMEOUT_S = 150
-# fork: the children inherit the imported torch / transformers / peft (a spawned child re-imports them, 20-40 s
-# on a loaded 2-core machine). Safe here: the parent runs no process group and no CUDA; spawn elsewhere.
-START_METHOD = "fork" if os.name == "posix" and not torch.cuda.is_initialized() else "spawn"
+# forkserver: the server process imports torch / transformers / peft / forgetkern once (preload) and forks the
+# ranks from itself, so each rank starts in well under a second (a spawned child re-imports them: 20-40 s on a
+# loaded 2-core machine). Plain fork from the test process is not safe: once any earlier test has run a
+# backward, autograd's worker threads exist and a forked child cannot run backward at all.
+START_METHOD = "forkserver" if os.name == "posix" else "spawn"
+PRELOAD = ["torch", "transformers", "peft", "forgetkern", "tests.test_distributed"]
 
 
 def _lora_model():
@@ -251,6 +254,10 @@ def _worker(rank: int, init_file: str, tmp: str, result_dir: str, t_spawn: float
 def test_distributed_two_processes():
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
+        if START_METHOD == "forkserver":
+            import multiprocessing
+
+            multiprocessing.set_forkserver_preload(PRELOAD)
         ctx = mp.start_processes(_worker, args=(init_file, tmp, tmp, time.time()), nprocs=WORLD, join=False,
                                  start_method=START_METHOD)
         deadline = time.monotonic() + JOB_TIMEOUT_S
