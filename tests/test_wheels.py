@@ -84,7 +84,8 @@ CHECK = textwrap.dedent("""
     import forgetkern
     from forgetkern import _ext, cli
     print(json.dumps({"file": forgetkern.__file__, "info": _ext.build_info(),
-                      "cpu_loaded": _ext.cpu_ops() is not None, "cpu_error": str(_ext.cpu_ext_error())}))
+                      "cpu_loaded": _ext.cpu_ops() is not None, "cpu_error": str(_ext.cpu_ext_error()),
+                      "cuda_loaded": _ext.cuda_ops() is not None}))
     print(cli.env_report())
     g = torch.Generator().manual_seed(0)
     fishers = [torch.rand(37, generator=g), torch.rand(5, 3, generator=g)]
@@ -98,18 +99,36 @@ CHECK = textwrap.dedent("""
 """)
 
 
+def _built_flavor() -> str:
+    """The flavor the source tree was built as (its objects in build/ are then reused, nothing recompiles):
+    ``cuda`` after the set-up's CUDA build, else ``cpu``."""
+    info = ROOT / "forgetkern" / "_build_info.json"
+    return "cuda" if info.exists() and json.loads(info.read_text()).get("built_cuda") else "cpu"
+
+
 @pytest.mark.slow
-def test_cpu_wheel_builds_installs_in_a_fresh_venv_and_runs_outside_the_tree(tmp_path):
+@pytest.mark.skipif(os.environ.get("FORGETKERN_TEST_WHEELS", "0") in ("", "0"),
+                    reason="builds a wheel (minutes of compiling when the objects in build/ were made with other "
+                           "flags): set FORGETKERN_TEST_WHEELS=1")
+def test_wheel_builds_installs_in_a_fresh_venv_and_runs_outside_the_tree(tmp_path):
+    """The wheel of the flavor this tree was built as (CUDA 13 + torch 2.14 after the set-up here)."""
+    flavor = _built_flavor()
     t0 = time.perf_counter()
     dist = tmp_path / "dist"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_wheels.py"), "--flavors", "cpu",
+    from torch.utils import cpp_extension
+
+    # the toolkit the tree was built with (setup.py takes torch's CUDA_HOME), so the objects are reused
+    cuda_home = ["--cuda-home", cpp_extension.CUDA_HOME or bw.find_cuda_home_for_test()] if flavor == "cuda" else []
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_wheels.py"), "--flavors", flavor, *cuda_home,
                            "--dist-dir", str(dist), "--auditwheel", os.environ.get("FK_TEST_AUDITWHEEL", "auto")],
                           cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     build_s = time.perf_counter() - t0
     (rec,) = json.loads((dist / "wheels.json").read_text())
     wheel = Path(rec["wheel"])
-    assert wheel.exists() and rec["version"] == bw.base_version() and rec["build_info"]["built_cuda"] is False
+    want_version = bw.expected_version(bw.base_version(), flavor, torch.__version__, torch.version.cuda)
+    assert wheel.exists() and rec["version"] == want_version
+    assert rec["build_info"]["built_cuda"] is (flavor == "cuda")
     if isinstance(rec["auditwheel"], dict):                      # repaired: nothing of torch/OpenMP bundled
         assert "manylinux" in wheel.name and not any("torch" in b or "gomp" in b for b in rec["auditwheel"]["bundled"])
         assert set(rec["auditwheel"]["excluded"]) >= {"libc10.so", "libtorch_cpu.so"}
@@ -134,7 +153,8 @@ def test_cpu_wheel_builds_installs_in_a_fresh_venv_and_runs_outside_the_tree(tmp
     head = json.loads(run.stdout.splitlines()[0])
     assert Path(head["file"]).resolve().is_relative_to(vsite.resolve()), head["file"]
     assert head["cpu_loaded"], head["cpu_error"]
-    assert head["info"]["built_cuda"] is False and head["info"]["torch_version"] == torch.__version__
+    assert head["cuda_loaded"] is (flavor == "cuda")  # the CUDA wheel's extension loads without a GPU
+    assert head["info"]["built_cuda"] is (flavor == "cuda") and head["info"]["torch_version"] == torch.__version__
     assert head["info"]["version"] == rec["version"]
     assert "CPU extension  (forgetkern._C)    loaded" in run.stdout and "CPP_OP_OK" in run.stdout
     env_cli = subprocess.run([str(vpy), "-m", "forgetkern", "env"], cwd=outside, env=env, capture_output=True,
