@@ -128,3 +128,20 @@ def no_overlap(op: str, written: Sequence[tuple], read: Sequence[tuple] = ()) ->
                 w, other = (label, label2) if kind == "w" else (label2, label)
                 raise ValueError(f"forgetkern.{op}: {w} and {other} share memory, and the op writes {w} in "
                                  f"place; pass distinct tensors (e.g. .clone() one of them)")
+
+
+def matrix_lists(op: str, lists, device: torch.device, device_of: str, shape_hint: str = "") -> None:
+    """Every tensor of ``lists`` ([(name, tensors)]) is a dense 2-D float tensor on ``device`` (that of the
+    tensor named ``device_of``); errors name the tensor and the fix."""
+    for name, xs in lists:
+        for i, x in enumerate(xs):
+            where = f"forgetkern.{op}: {name}[{i}]"
+            if x.layout != torch.strided:
+                raise TypeError(f"{where} must be a dense (strided) tensor, got layout {x.layout}")
+            if x.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"{where} has dtype {x.dtype}; expected one of float32, float16, bfloat16, float64")
+            if x.device != device:
+                raise ValueError(f"{where} is on {x.device} but {device_of} is on {device}; all tensors must be "
+                                 f"on one device")
+            if x.dim() != 2:
+                raise ValueError(f"{where} must be 2-D{shape_hint}, got shape {tuple(x.shape)}")

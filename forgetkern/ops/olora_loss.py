@@ -111,18 +111,7 @@ def _check(op: str, past, cur, norm: str):
         raise ValueError(f"forgetkern.{op}: past_A has {len(past)} tensors but cur_A has {len(cur)}; the lists are "
                          f"parallel (one entry per adapted layer) and must have the same length")
     device = cur[0].device if cur else torch.device("cpu")
-    for name, xs in (("past_A", past), ("cur_A", cur)):
-        for i, x in enumerate(xs):
-            where = f"forgetkern.{op}: {name}[{i}]"
-            if x.layout != torch.strided:
-                raise TypeError(f"{where} must be a dense (strided) tensor, got layout {x.layout}")
-            if x.dtype not in _validate.FLOAT_DTYPES:
-                raise TypeError(f"{where} has dtype {x.dtype}; expected one of float32, float16, bfloat16, float64")
-            if x.device != device:
-                raise ValueError(f"{where} is on {x.device} but cur_A[0] is on {device}; all tensors must be on "
-                                 f"one device")
-            if x.dim() != 2:
-                raise ValueError(f"{where} must be 2-D (rank x in_features), got shape {tuple(x.shape)}")
+    _validate.matrix_lists(op, (("past_A", past), ("cur_A", cur)), device, "cur_A[0]", " (rank x in_features)")
     for i, (p, c) in enumerate(zip(past, cur)):
         if p.shape[1] != c.shape[1]:
             raise ValueError(f"forgetkern.{op}: past_A[{i}] has shape {tuple(p.shape)} but cur_A[{i}] has shape "

@@ -91,18 +91,7 @@ def project_out_(tensors, bases, *, side: str) -> None:
     if not tensors:
         return
     device = tensors[0].device
-    for name, xs in (("tensors", tensors), ("bases", bases)):
-        for i, x in enumerate(xs):
-            where = f"forgetkern.{op}: {name}[{i}]"
-            if x.layout != torch.strided:
-                raise TypeError(f"{where} must be a dense (strided) tensor, got layout {x.layout}")
-            if x.dtype not in _validate.FLOAT_DTYPES:
-                raise TypeError(f"{where} has dtype {x.dtype}; expected one of float32, float16, bfloat16, float64")
-            if x.device != device:
-                raise ValueError(f"{where} is on {x.device} but tensors[0] is on {device}; all tensors must be "
-                                 f"on one device")
-            if x.dim() != 2:
-                raise ValueError(f"{where} must be 2-D, got shape {tuple(x.shape)}")
+    _validate.matrix_lists(op, (("tensors", tensors), ("bases", bases)), device, "tensors[0]")
     dim = 0 if side == "left" else 1
     for i, (x, u) in enumerate(zip(tensors, bases)):
         if u.shape[0] != x.shape[dim]:
