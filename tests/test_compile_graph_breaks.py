@@ -1,6 +1,6 @@
 """torch.compile on a patched tiny Llama: the graph breaks of a forward (torch._dynamo.explain) are counted and
 reported, none may come from forgetkern's patched layers; forward+backward compiled with aot_eager (a counting
-backend) gives the eager loss and gradients."""
+backend) gives the eager loss and gradients, and later steps run without recompiling."""
 
 from __future__ import annotations
 
@@ -66,3 +66,9 @@ def test_compiled_forward_backward_matches_eager():
     for n, p in comp.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, pe[n].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    # later steps run the compiled code: nothing the patched forward touches per call (its call counters) may
+    # become a guard that fails on the next call (each step would compile again, then fall back to eager)
+    frames = counter.frame_count
+    for _ in range(2):
+        cstep(comp, ids)
+    assert counter.frame_count == frames, f"recompiled: {counter.frame_count - frames} more frame(s)"

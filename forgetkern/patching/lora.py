@@ -258,6 +258,14 @@ def _original_forward(module):
 _NO_LORA_GRADIENT = ("adapters disabled", "adapter weights merged", "no active adapter on this layer")
 
 
+def _count(state: LayerState, kind: str) -> None:
+    # Not inside torch.compile: Dynamo would trace the increment and guard on the counter's value, so the model
+    # would compile again on every call (and fall back to eager once the recompile limit is hit). The calls a
+    # compiled graph makes are therefore not counted.
+    if not torch.compiler.is_compiling():
+        state.calls[kind] += 1
+
+
 def patched_forward(self, x, *args, **kwargs):
     """forgetkern's forward for a PEFT lora.Linear (falls back to PEFT's forward where it must)."""
     state: LayerState = self._forgetkern_state
@@ -267,15 +275,15 @@ def patched_forward(self, x, *args, **kwargs):
             raise RuntimeError(f"forgetkern: a Fisher estimation hooks the fused LoRA backward of {state.name!r}, "
                                f"but this call has to run on PEFT's forward ({reason}), where the per-sample "
                                f"Fisher would be missed; call forgetkern.unpatch(model) before estimating")
-        state.calls["PEFT: " + reason] += 1
+        _count(state, "PEFT: " + reason)
         return _original_forward(self)(x, *args, **kwargs)
     group = state.group
     if group is not None and group.enabled and not plan[4]:
         out = group.forward(self, x, plan)
         if out is not None:
-            state.calls["fused (siblings)"] += 1
+            _count(state, "fused (siblings)")
             return out
-    state.calls["fused"] += 1
+    _count(state, "fused")
     return run_op(state, plan)
 
 

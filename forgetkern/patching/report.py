@@ -24,7 +24,8 @@ class PatchReport:
 
     def call_stats(self, per_layer: bool = False):
         """Calls since patching: ``{"fused": n, "fused (siblings)": n, "PEFT: <reason>": n}``, summed over the
-        layers (or ``{layer_name: {...}}`` with ``per_layer=True``)."""
+        layers (or ``{layer_name: {...}}`` with ``per_layer=True``). Eager calls only: the calls a
+        ``torch.compile``'d model makes inside its graph are not counted (a counter would make it recompile)."""
         if per_layer:
             return {s.name: dict(s.calls) for s in self._states}
         total: collections.Counter = collections.Counter()
