@@ -1,12 +1,16 @@
 """LoRA fine-tuning with EWC under accelerate: the Fisher is estimated on each process's share of the old data
 and all-reduced once, the EWC gradient is fused into forgetkern's AdamW, forgetkern state is checkpointed per run.
 
-    torchrun --nproc_per_node 2 examples/accelerate_lora_ewc.py                   # 2 CPU processes (gloo)
-    accelerate launch --num_processes 8 examples/accelerate_lora_ewc.py            # 8 GPUs (NCCL), same code
+    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_lora_ewc.py   # 2 CPU processes (gloo)
+    torchrun --nproc_per_node 2 examples/accelerate_lora_ewc.py                         # the same, no accelerate
+    accelerate launch --num_processes 8 examples/accelerate_lora_ewc.py                 # 8 GPUs (NCCL), same code
 
-(``accelerate launch --num_processes 2 --cpu`` starts ONE process in accelerate 1.16: its multi-CPU launch goes
-through mpirun with a hostfile; torchrun sets the same environment and Accelerator picks it up.) The losses and
-penalties printed are those of one process on the global batch: the run is the same at any process count.
+Several CPU processes come from ``--multi_gpu`` on a machine without a visible GPU (or with
+``CUDA_VISIBLE_DEVICES=``): it selects accelerate's torch.distributed.run launcher, and ``Accelerator(cpu=True)``
+in each rank joins the gloo group that launcher sets up. ``--cpu`` does not: accelerate 1.16 starts several CPU
+processes only through mpirun with a hostfile (``--mpirun_hostfile``), and a single process without one. The
+losses and penalties printed are those of one process on the global batch: the run is the same at any process
+count (tests/test_accelerate_launch.py checks 2 processes against 1).
 """
 
 import os
@@ -53,7 +57,7 @@ def main(steps: int = 6) -> None:
         pen = opt.optimizer.last_ewc_penalty if hasattr(opt, "optimizer") else opt.last_ewc_penalty
         total = acc.reduce(loss.detach(), reduction="mean")
         if acc.is_main_process:
-            print(f"step {step}: loss {float(total):.4f}  ewc penalty {float(pen):.3e}")
+            print(f"step {step}: loss {float(total):.6f}  ewc penalty {float(pen):.6e}")
     ckpt = os.environ.get("CKPT_DIR") or tempfile.mkdtemp()
     forgetkern.save_state(os.path.join(ckpt, "forgetkern"), ewc=ewc, opt=opt.optimizer if hasattr(opt, "optimizer")
                           else opt)
