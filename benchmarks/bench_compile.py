@@ -60,7 +60,8 @@ PEERS = ("peft-eager", "peft-compiled")
 
 
 def runner_argv(quick: bool, device: str) -> list:
-    """Arguments for ``benchmarks/run.py``: ``quick`` times the patched tiny model only, few rounds."""
+    """Arguments for ``benchmarks/run.py``: ``quick`` times the patched tiny model only, few rounds. The step runs
+    on CPU whatever ``device`` is (``benchmarks/gpu.py`` times the patched LoRA layers on a GPU)."""
     return ["--shapes", "tiny", "--repeat", "5", "--warmup", "2", "--no-peft"] if quick else []
 
 
