@@ -84,6 +84,28 @@ def test_olora_state_round_trip_and_errors():
 
 
 # ---- OPLoRA ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48)], ids=["tall", "wide"])
+@pytest.mark.parametrize("rank", [None, 3], ids=["full-rank", "rank-3"])
+def test_top_singular_triples_match_the_svd(shape, rank):
+    from forgetkern.projection import top_singular_triples
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g)
+    if rank:  # s_k = 0 for k > rank: the Gram route cannot give U there, the SVD is taken
+        w = torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)
+    k = 5
+    u, sv, v = top_singular_triples(w, k)
+    assert u.shape == (shape[0], k) and v.shape == (shape[1], k) and u.dtype == torch.float32
+    u0, s0, vh0 = torch.linalg.svd(w.double(), full_matrices=False)
+    torch.testing.assert_close(sv.double(), s0[:k], rtol=1e-5, atol=1e-5 * float(s0[0]))
+    top = min(k, rank or k)  # the triples with s > 0 are determined (up to sign)
+    torch.testing.assert_close((u.double()[:, :top] * u0[:, :top]).sum(0).abs(), torch.ones(top, dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close((v.double()[:, :top] * vh0[:top].t()).sum(0).abs(),
+                               torch.ones(top, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(u.double().t() @ u.double(), torch.eye(k, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("full_svd_max", [1024, 0], ids=["full-svd", "svd-lowrank"])
 def test_oplora_keeps_the_top_k_singular_triples(full_svd_max):
     model = lora_model("gpt2")  # non-zero random adapters, Conv1D (fan_in_fan_out) weights
