@@ -59,6 +59,35 @@ def test_mc_accuracy_scores_choice_loglikelihood_like_lm_eval():
         mc_accuracy(model, tok, [])
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama-peft-patched"])
+def test_mc_shared_context_scores_equal_scoring_each_sequence_alone(arch):
+    """The KV-cache sharing of mc_accuracy (contexts left-padded, choices continuing from the cache) gives each
+    choice the log-likelihood it has when ``context + choice`` runs alone, unpadded."""
+    import peft
+
+    import forgetkern
+    from forgetkern.eval.metrics import _score_shared_context
+    from forgetkern.testing.models import tiny_gpt2
+
+    model = tiny_gpt2() if arch == "gpt2" else tiny_llama()
+    if arch.endswith("patched"):
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        forgetkern.patch(model)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    ctxs = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (1, 7, 3, 12)]
+    chs = [[torch.randint(3, 128, (n,), generator=g).tolist() for n in lens]
+           for lens in ((1, 4), (2, 2, 5), (6,), (1, 1, 3, 2))]
+    with torch.no_grad():
+        got = _score_shared_context(model, ctxs, chs, pad=0)
+        for ctx, options, scores in zip(ctxs, chs, got):
+            for ch, score in zip(options, scores):
+                ids = torch.tensor([ctx + ch])
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+                want = sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(ch))
+                assert float(score) == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
 def test_continual_learning_metrics_by_hand():
     R = [[0.9, 0.1, 0.0], [0.7, 0.8, 0.2], [0.6, 0.5, 0.9]]
     assert average_accuracy(R) == pytest.approx((0.6 + 0.5 + 0.9) / 3)
@@ -91,6 +120,30 @@ def test_report_flags_summarises_seeds_and_round_trips(tmp_path):
     assert files["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="threshold"):
         ForgettingReport(threshold=0)
+
+
+def test_report_judges_by_its_primary_general_metric(tmp_path):
+    """general="general_mc": MC accuracy decides the flag, the summary's "drop" and the plot, even when perplexity
+    says the opposite (the case that makes perplexity a blunt probe)."""
+    before = {"task_ppl": 20.0, "general_ppl": 10.0, "general_mc": 0.80}
+    rep = ForgettingReport(general="general_mc")
+    rep.add(Run("naive", 0, 1e-3, 8, before, {"task_ppl": 15.0, "general_ppl": 9.5, "general_mc": 0.70}))
+    rep.add(Run("wise", 0, 1e-3, 8, before, {"task_ppl": 17.0, "general_ppl": 11.0, "general_mc": 0.79},
+                {"alpha": 0.5}))
+    naive, wise = rep.runs
+    assert naive.general_drop == pytest.approx(-0.05) and rep.drop(naive) == pytest.approx(0.125)
+    assert rep.flagged() == [naive]
+    rows = {r["method"]: r for r in rep.summary()}
+    assert rows["naive"]["drop"] == pytest.approx(0.125) and rows["wise"]["alpha"] == 0.5
+    md = rep.to_markdown()
+    assert "| naive | 0.001 | 8 | 1 | +25.0% | -5.0% | +12.5% | FORGOT > 5% |" in md and "| wise a=0.5 |" in md
+    back = ForgettingReport.from_json(rep.to_json())
+    assert back.general == "general_mc" and back.to_markdown() == md
+    assert rep.save(tmp_path)["plot"].stat().st_size > 1000
+    with pytest.raises(ValueError, match="general must be one of"):
+        ForgettingReport(general="mmlu")
+    with pytest.raises(KeyError, match="'general_mc' was not measured"):
+        rep.add(Run("ewc", 0, 1e-3, 8, {"task_ppl": 1.0, "general_ppl": 1.0}, {"task_ppl": 1.0, "general_ppl": 1.0}))
 
 
 def test_shipped_sets_are_disjoint_and_well_formed():
