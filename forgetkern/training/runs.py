@@ -1,7 +1,7 @@
 """One fine-tuning run with the chosen mitigations, evaluated at step checkpoints: the engine of ``forgetkern demo``.
 
-A :class:`RunConfig` names a method (``naive``, ``full``, ``replay``, ``freeze``, ``ewc``, ``lwf``; mitigations
-combine), a learning rate, checkpoints (step counts) and a seed. :func:`train_and_eval` copies the base model,
+A :class:`RunConfig` names a method (``naive``, ``full``, ``replay``, ``mssr``, ``freeze``, ``ewc``,
+``ewc_params``, ``lwf``, ``oplora``, ``gpm``), a learning rate, checkpoints (step counts) and a seed. :func:`train_and_eval` copies the base model,
 adds a fresh LoRA adapter (or trains every weight for ``full``), patches it with :func:`forgetkern.patch`,
 trains with AdamW on the task windows (mixed with general windows for ``replay``) and measures the task and
 general sets at every checkpoint, so one run traces a part of the learning-rate x steps trade-off curve.
@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-METHODS = ("naive", "full", "replay", "freeze", "ewc", "lwf")
+METHODS = ("naive", "full", "replay", "mssr", "freeze", "ewc", "ewc_params", "lwf", "oplora", "gpm")
 
 
 @dataclasses.dataclass
@@ -34,6 +34,8 @@ class RunConfig:
     ewc_lam: float = 1.0
     lwf_alpha: float = 1.0
     lwf_temperature: float = 2.0
+    oplora_k: int = 32
+    gpm_threshold: float = 0.9
     weight_decay: float = 0.0
 
     def __post_init__(self):
@@ -79,7 +81,8 @@ def _peft_model(base, cfg: RunConfig):
 
 
 def _stream(data: Data, cfg: RunConfig, steps: int):
-    """``steps`` batches: task windows (mixed with replay for ``replay``), reshuffled each epoch, seeded."""
+    """``steps`` batches of task windows (mixed with general windows for ``replay``), reshuffled each epoch,
+    seeded. Each batch carries ``replay_index`` (-1 for task windows) for the MSSR bookkeeping."""
     from forgetkern.data import batch_from_windows, mix_replay
 
     pool = data.task_train
@@ -89,19 +92,89 @@ def _stream(data: Data, cfg: RunConfig, steps: int):
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(pool.shape[0], generator=g)
     pos = 0
+    mssr = None
+    if cfg.method == "mssr":
+        from forgetkern.replay import MSSR
+
+        mssr = MSSR(data.general_replay.shape[0], replay_ratio=cfg.replay_ratio, seed=cfg.seed)
     for _ in range(steps):
-        if pos + cfg.batch_size > order.numel():
+        replay = mssr.select(mssr.slots(cfg.batch_size)) if mssr is not None else torch.zeros(0, dtype=torch.long)
+        n = cfg.batch_size - replay.numel()
+        if pos + n > order.numel():
             order, pos = torch.randperm(pool.shape[0], generator=g), 0
-        yield batch_from_windows(pool[order[pos:pos + cfg.batch_size]], pad)
-        pos += cfg.batch_size
+        rows = torch.cat([pool[order[pos:pos + n]], data.general_replay[replay]])
+        batch = batch_from_windows(rows, pad)
+        batch["replay_index"] = torch.cat([torch.full((n,), -1, dtype=torch.long), replay])
+        yield batch, mssr
+        pos += n
+        if mssr is not None:
+            mssr.tick()
+
+
+class _Mitigation:
+    """What a method adds to the plain LoRA step: the loss, and work after ``backward()`` / after the step."""
+
+    def __init__(self, model, data: Data, cfg: RunConfig, fisher):
+        import forgetkern
+
+        self.cfg, self.model, self.reg = cfg, model, None
+        m = cfg.method
+        if m in ("ewc", "ewc_params"):
+            if fisher is None:
+                raise ValueError(f"train_and_eval: method {m!r} needs a Fisher (fisher=...): the base weights' "
+                                 "for 'ewc', the LoRA factors' for 'ewc_params'")
+            self.reg = forgetkern.EWC(model, fisher, lam=cfg.ewc_lam, target="delta_w" if m == "ewc" else "params")
+        elif m == "lwf":
+            self.reg = forgetkern.LwF(model, alpha=cfg.lwf_alpha, temperature=cfg.lwf_temperature)
+        elif m == "oplora":
+            self.reg = forgetkern.OPLoRA(model, k=cfg.oplora_k)
+            self.reg.project_()
+        elif m == "gpm":
+            from forgetkern.data import batches
+
+            self.reg = forgetkern.GPM(model, threshold=cfg.gpm_threshold)
+            self.reg.update_memory(batches(data.general_replay, 4))
+            self.reg.project_params_()
+
+    def loss(self, batch, mssr):
+        inputs = {k: v for k, v in batch.items() if k != "replay_index"}
+        if self.cfg.method == "lwf":
+            return self.reg.loss(inputs)
+        out = self.model(**inputs)
+        if mssr is not None:
+            from forgetkern.replay import per_sample_loss
+
+            r = batch["replay_index"]
+            if (r >= 0).any():
+                m = r >= 0
+                mssr.update(r[m], per_sample_loss(out.logits.detach(), inputs["labels"])[m])
+        return out.loss
+
+    def after_backward(self):
+        m = self.cfg.method
+        if m in ("ewc", "ewc_params"):
+            self.reg.apply_()
+        elif m == "oplora":
+            self.reg.project_grads_()
+        elif m == "gpm":
+            self.reg.project_()
+
+    def after_step(self):
+        if self.cfg.method == "oplora":
+            self.reg.project_()
+        elif self.cfg.method == "gpm":
+            self.reg.project_params_()
 
 
 def train_and_eval(base: torch.nn.Module, data: Data, cfg: RunConfig, *, fisher=None,
-                   on_step: Optional[Callable[[int], None]] = None) -> List[Dict]:
+                   on_step: Optional[Callable[[int], None]] = None,
+                   on_checkpoint: Optional[Callable[[torch.nn.Module, int], List[Dict]]] = None) -> List[Dict]:
     """Train one run and evaluate at its checkpoints; returns ``[{"steps", "metrics", "seconds"}]``.
 
-    ``fisher`` is the base weights' Fisher (``FisherEstimator(params="lora_base")`` on general data) that the
-    ``ewc`` method needs."""
+    ``fisher`` is what the EWC methods need: the base weights' Fisher (``FisherEstimator(params="lora_base")``
+    on general data) for ``ewc`` (the penalty on ``s*B*A``), the LoRA factors' for ``ewc_params``.
+    ``on_checkpoint(model, steps)``, if given, runs after each checkpoint's evaluation (e.g. WiSE-FT
+    interpolations of the model at that point) and may return more result rows."""
     import forgetkern
 
     if cfg.method == "full":
@@ -115,32 +188,24 @@ def train_and_eval(base: torch.nn.Module, data: Data, cfg: RunConfig, *, fisher=
             from forgetkern.data import freeze_layers
 
             freeze_layers(model, cfg.freeze_fraction)
-    reg = None
-    if cfg.method == "ewc":
-        if fisher is None:
-            raise ValueError("train_and_eval: method 'ewc' needs the base weights' Fisher (fisher=...)")
-        reg = forgetkern.EWC(model, fisher, lam=cfg.ewc_lam, target="delta_w")
-    if cfg.method == "lwf":
-        reg = forgetkern.LwF(model, alpha=cfg.lwf_alpha, temperature=cfg.lwf_temperature)
+    mit = _Mitigation(model, data, cfg, fisher)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     out, t0, step = [], time.perf_counter(), 0
     model.train()
     cps = list(cfg.checkpoints)
-    for batch in _stream(data, cfg, cps[-1]):
-        if cfg.method == "lwf":
-            loss = reg.loss(batch)
-        else:
-            loss = model(**batch).loss
-        loss.backward()
-        if cfg.method == "ewc":
-            reg.apply_()
+    for batch, mssr in _stream(data, cfg, cps[-1]):
+        mit.loss(batch, mssr).backward()
+        mit.after_backward()
         opt.step()
+        mit.after_step()
         opt.zero_grad(set_to_none=True)
         step += 1
         if on_step is not None:
             on_step(step)
         if step in cps:
             out.append({"steps": step, "metrics": evaluate(model, data), "seconds": time.perf_counter() - t0})
+            if on_checkpoint is not None:
+                out += on_checkpoint(model, step) or []
             model.train()
     return out
