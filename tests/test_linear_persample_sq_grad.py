@@ -286,82 +286,55 @@ def peak():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
 
-mode, n, dt = sys.argv[1], int(sys.argv[2]), getattr(torch, sys.argv[3])
-t, d = 64, 512
-x, g = torch.randn(n, t, d).to(dt), torch.randn(n, t, d).to(dt)
-mask = torch.rand(n, t) > 0.1
-f = torch.zeros(d, d)
-
-def run(x, g, mask):
+def run(mode, f, x, g, mask):
     if mode == "fused":
         linear_persample_sq_grad_(f, x, g, mask=mask)
     else:  # what per-sample-gradient libraries do: materialise [N, out, in]
         per = torch.einsum("nto,nti->noi", g.float() * mask[..., None], x.float())
         f.add_((per * per).sum(0))
 
-run(x[:1], g[:1], mask[:1])  # warm up (library workspaces)
-base = rss()
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")  # reset the peak-RSS counter
-run(x, g, mask)
-print(json.dumps({"extra": peak() - base, "weight": d * d * 4}))
+t, d = 64, 512
+out = []
+for case in sys.argv[1:]:  # "mode:n:dtype"; the inputs are freed (mmap'ed, back to the OS) between cases
+    mode, n, dt = case.split(":")
+    n, dt = int(n), getattr(torch, dt)
+    x, g = torch.randn(n, t, d).to(dt), torch.randn(n, t, d).to(dt)
+    mask = torch.rand(n, t) > 0.1
+    f = torch.zeros(d, d)
+    run(mode, f, x[:1], g[:1], mask[:1])  # warm up (library workspaces)
+    base = rss()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset the peak-RSS counter
+    run(mode, f, x, g, mask)
+    out.append((peak() - base) / (d * d * 4))
+    del x, g, mask, f
+print(json.dumps(out))
 """
 
 
-def _peak_extra(mode, n, dtype):
+def _peak_extra(cases):
+    """Peak extra RSS of each ``(mode, n, dtype)`` case, in units of the fp32 weight, measured one after the
+    other in ONE child process (the peak counter is reset before each)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    res = subprocess.run([sys.executable, "-c", _MEM_PROBE, mode, str(n), dtype], env=env, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", _MEM_PROBE, *(f"{m}:{n}:{dt}" for m, n, dt in cases)], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    return out["extra"] / out["weight"]
+    return dict(zip(cases, json.loads(res.stdout.strip().splitlines()[-1])))
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak RSS from /proc")
 def test_peak_memory_fused_is_bounded_naive_grows_with_n():
     """Peak extra memory (RSS high-water mark, large allocations mmap'ed) in units of the fp32 weight size."""
-    fused = {(n, dt): _peak_extra("fused", n, dt) for n in (4, 16) for dt in ("float32", "bfloat16")}
-    naive = {n: _peak_extra("naive", n, "float32") for n in (4, 16)}
-    for key, ratio in fused.items():
-        assert ratio <= 2.0, (key, ratio)
-    assert naive[4] >= 4.0 and naive[16] >= 16.0, naive
-
-
-_AOT_PROBE = r"""
-import json, re
-from forgetkern.testing.aot import compile_for
-from forgetkern.triton import linear_persample_sq_grad as m
-rows = []
-for spec in m.AOT_SPECS:
-    for arch in (80, 90):
-        r = compile_for(spec.kernel, spec.signature, spec.constexprs, arch, spec.options)
-        sass = r.sass
-        rows.append({"desc": spec.description, "arch": arch, "regs": r.n_regs, "local": r.local_bytes,
-                     "stl": len(re.findall(r"\bSTL\b|\bLDL\b", sass)), "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
-                     "hmma": len(re.findall(r"\bHMMA\b", sass))})
-print(json.dumps(rows))
-"""
-
-
-@pytest.mark.slow
-def test_triton_aot_no_spills_and_tensor_cores():
-    """Every variant compiles for sm_80/sm_90 with no local-memory traffic in the SASS (STL/LDL: spills to the
-    stack frame are not in the cubin's LOCAL figure), HGMMA on sm_90 and HMMA on sm_80 for the GEMM kernel."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    res = subprocess.run([sys.executable, "-c", _AOT_PROBE], env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    rows = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(rows) >= 2 * 10
-    for r in rows:
-        assert r["local"] == 0 and r["stl"] == 0, r
-        if not r["desc"].startswith("finish"):
-            assert (r["hgmma"] if r["arch"] == 90 else r["hmma"]) > 0, r
+    cases = [("naive", n, "float32") for n in (4, 16)] + [("fused", n, dt) for n in (4, 16)
+                                                          for dt in ("float32", "bfloat16")]
+    ratios = _peak_extra(cases)
+    for key, ratio in ratios.items():
+        if key[0] == "fused":
+            assert ratio <= 2.0, (key, ratio)
+    assert ratios[("naive", 4, "float32")] >= 4.0 and ratios[("naive", 16, "float32")] >= 16.0, ratios
 
 
 @pytest.mark.parametrize("backend,device", backends())

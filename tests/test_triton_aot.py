@@ -22,9 +22,14 @@ DESCRIPTIONS = {sid: spec[3] for sid, spec in SPECS}
 JOBS = max(1, min(4, os.cpu_count() or 1))
 
 
+# the specialisations whose SASS the tensor-core tests read (disassembled in the same pass as the compile)
+TENSOR_CORE_SPECS = r"^lora_linear:\d+ (\w+ bf16|fwd fp32)"
+PERSAMPLE_SPECS = r"^linear_persample_sq_grad:"
+
+
 @pytest.fixture(scope="module")
 def compiled():
-    rows = aot.compile_all_subprocess(aot.ARCHS, jobs=JOBS)
+    rows = aot.compile_all_subprocess(aot.ARCHS, jobs=JOBS, sass_filter=f"{TENSOR_CORE_SPECS}|{PERSAMPLE_SPECS}")
     print("\n" + aot.format_table(rows))
     return {(r["id"], r["arch"]): r for r in rows}
 
@@ -74,18 +79,30 @@ def test_compile_for_explains_the_interpreter():
 
 
 @pytest.mark.slow
-def test_lora_matmuls_use_tensor_cores():
+def test_lora_matmuls_use_tensor_cores(compiled):
     """Every bf16 LoRA kernel specialisation (aligned and unaligned, every kind) runs its products on HGMMA
     (wgmma) on sm_90 and HMMA on sm_80; the fp32 forward takes exact IEEE FMA products. fp16 compiles the same
     tiles with another element type, so its disassembly (a minute on 2 cores) is left to
     ``python -m forgetkern.testing.aot --filter lora_linear --sass``."""
-    pattern = r"^lora_linear:\d+ (\w+ bf16|fwd fp32)"
-    rows = aot.compile_all_subprocess(aot.ARCHS, jobs=JOBS, filter_text=pattern, sass=True)
-    want = sum(bool(re.search(pattern, f"{sid} {DESCRIPTIONS.get(sid, '')}")) for sid in IDS)
+    rows = [r for r in compiled.values() if re.search(TENSOR_CORE_SPECS, f"{r['id']} {r['description']}")]
+    want = sum(bool(re.search(TENSOR_CORE_SPECS, f"{sid} {DESCRIPTIONS.get(sid, '')}")) for sid in IDS)
     assert want >= 48 and len(rows) == 2 * want
     for r in rows:
         fp32 = r["description"].split()[1].startswith("fp32")
         assert r["ok"] and r["mma"] == ("" if fp32 else "HGMMA" if r["arch"] == 90 else "HMMA"), r
+
+
+@pytest.mark.slow
+def test_persample_fisher_kernels_use_tensor_cores_without_local_memory(compiled):
+    """Every per-sample Fisher variant runs its products on HGMMA on sm_90 and HMMA on sm_80 (the finish kernel
+    has none) with no local-memory traffic in the SASS (STL/LDL: stack-frame spills the cubin's LOCAL figure
+    does not count)."""
+    rows = [r for r in compiled.values() if re.search(PERSAMPLE_SPECS, r["id"])]
+    assert len(rows) >= 2 * 10
+    for r in rows:
+        assert r["ok"] and r["local_ops"] == 0 and r["local_bytes"] == 0, r
+        if not r["description"].startswith("finish"):
+            assert r["mma"] == ("HGMMA" if r["arch"] == 90 else "HMMA"), r
 
 
 def test_jit_attrs_mirror_the_jit():

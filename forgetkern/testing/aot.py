@@ -83,11 +83,14 @@ class KernelReport:
     def summary(self, sass: bool = False) -> dict:
         """The numbers (JSON-friendly); with ``sass``, whether the SASS has 128-bit global loads/stores, its
         tensor-core instruction (:attr:`mma`) and whether global loads go to shared memory asynchronously
-        (``cp.async``/TMA: a pipelined loop) (disassembly costs more than the compile, so it is opt-in)."""
+        (``cp.async``/TMA: a pipelined loop) and its number of local-memory instructions (``local_ops``, STL/LDL:
+        spills to the stack frame, which the cubin's LOCAL figure does not count) (disassembly costs more than the
+        compile, so it is opt-in)."""
         out = {k: getattr(self, k) for k in ("name", "arch", "n_regs", "n_spills", "local_bytes", "shared_bytes")}
         if sass:
             out.update(ldg128=self.sass_has(r"LDG\.E\.128"), stg128=self.sass_has(r"STG\.E\.128"), mma=self.mma,
-                       async_copy=self.sass_has(r"LDGSTS|UTMALDG"))
+                       async_copy=self.sass_has(r"LDGSTS|UTMALDG"),
+                       local_ops=len(re.findall(r"\b(?:STL|LDL)\b", self.sass)))
         return out
 
 
@@ -233,13 +236,16 @@ def _compile_one(job: tuple) -> dict:
 
 
 def compile_all(archs: Sequence[int] = ARCHS, jobs: int = 1, filter_text: str = "",
-                package: str = "forgetkern.triton", sass: bool = False) -> List[dict]:
+                package: str = "forgetkern.triton", sass: bool = False, sass_filter: str = "") -> List[dict]:
     """Compile every discovered spec for every arch; one result dict per (spec, arch).
 
-    A module that does not import gives one failed row per arch with id ``"<module>:import"``.
+    ``sass`` reads the SASS of every spec; ``sass_filter`` (a regex on ``"id description"``) of the matching
+    ones only, in the same pass (disassembly costs more than the compile). A module that does not import gives
+    one failed row per arch with id ``"<module>:import"``.
     """
     errors: list = []
-    work = [(sid, arch, package, sass) for sid, spec in discover(package, errors) for arch in archs
+    work = [(sid, arch, package, sass or bool(sass_filter and re.search(sass_filter, f"{sid} {_unpack(spec)[3]}")))
+            for sid, spec in discover(package, errors) for arch in archs
             if re.search(filter_text, f"{sid} {_unpack(spec)[3]}")]
     failed = [{"id": f"{mod}:import", "arch": arch, "description": "import of the module", "ok": False,
                "error": msg} for mod, msg in errors for arch in archs]
@@ -259,7 +265,7 @@ def _run_jobs(work: list, jobs: int) -> List[dict]:
 
 def compile_all_subprocess(archs: Sequence[int] = ARCHS, jobs: Optional[int] = None, timeout: float = 900,
                            package: str = "forgetkern.triton", filter_text: str = "",
-                           sass: bool = False) -> List[dict]:
+                           sass: bool = False, sass_filter: str = "") -> List[dict]:
     """:func:`compile_all` in a fresh interpreter with ``TRITON_INTERPRET`` removed (usable from tests)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -270,6 +276,7 @@ def compile_all_subprocess(archs: Sequence[int] = ARCHS, jobs: Optional[int] = N
         cmd = [sys.executable, "-m", "forgetkern.testing.aot", "--quiet", "--json", out, "--jobs", str(jobs),
                "--package", package, "--filter", filter_text, "--arch", *map(str, archs)]
         cmd += ["--sass"] if sass else []
+        cmd += ["--sass-filter", sass_filter] if sass_filter else []
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if res.returncode not in (0, 1) or not os.path.exists(out):
             raise RuntimeError(f"AOT compile subprocess failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
@@ -312,13 +319,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--quiet", action="store_true", help="no table on stdout")
     ap.add_argument("--sass", action="store_true", help="also look for 128-bit LDG/STG in the SASS (slower)")
+    ap.add_argument("--sass-filter", default="", help="read the SASS of the specs matching this regex only")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("TRITON_INTERPRET is set: compiling in a subprocess without it", file=sys.stderr)
         rows = compile_all_subprocess(args.arch, args.jobs, package=args.package, filter_text=args.filter,
-                                      sass=args.sass)
+                                      sass=args.sass, sass_filter=args.sass_filter)
     else:
-        rows = compile_all(args.arch, args.jobs, args.filter, args.package, args.sass)
+        rows = compile_all(args.arch, args.jobs, args.filter, args.package, args.sass, args.sass_filter)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
