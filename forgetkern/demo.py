@@ -22,7 +22,7 @@ worse), see :mod:`forgetkern.corpora`. The methods (LoRA r=16 on every linear la
 Every run is evaluated at its checkpoints, so each method traces a curve of (task gain, general drop). The
 comparison a mitigation must win is at EQUAL task gain: its general drop (mean over seeds, interpolated along
 its own curve) at the task gain of the best naive run, against that naive run's drop, and the best naive drop
-at the mitigation's own final task gain (the naive frontier: the lowest drop any naive learning rate reaches
+at the mitigation's own best task gain (the naive frontier: the lowest drop any naive learning rate reaches
 there). ``--quick`` runs a reduced set (one seed) in a few minutes on 2 CPU cores; the full mode uses three.
 """
 
@@ -133,30 +133,31 @@ def naive_frontier(report, gain: float) -> Optional[float]:
 
 
 def comparison(report) -> List[Dict]:
-    """Per method and learning rate (seed means): the general drop at the best naive run's task gain (the
-    naive (lr, steps) with the largest mean gain), the method's own final task gain and drop, and the naive
-    frontier's drop at that gain."""
-    naive = [r for r in report.summary() if r["method"] == "naive"]
+    """Per method and learning rate (seed means; WiSE-FT per alpha): the general drop at the best naive run's task
+    gain (the naive (lr, steps) with the largest mean gain) interpolated along the method's curve, the method's
+    own best-gain point (``top_gain``, ``top_drop``) and the naive frontier's drop at that gain
+    (``naive_there``: the lowest drop any naive learning rate has at that gain)."""
+    summary = report.summary()
+    naive = [r for r in summary if r["method"] == "naive"]
     if not naive:
         return []
     best = max(naive, key=lambda r: r["task_gain"])
     rows = [{"method": "naive (best)", "lr": best["lr"], "steps": best["steps"], "seeds": best["seeds"],
-             "task_gain": best["task_gain"], "general_drop": best["drop"], "final_gain": best["task_gain"],
-             "final_drop": best["drop"], "naive_at_final": best["drop"]}]
-    summary = report.summary()
-    for m in sorted({r["method"] for r in summary} - {"naive"}):
-        groups: Dict[tuple, List[Dict]] = {}
-        for r in summary:
-            if r["method"] == m:
-                groups.setdefault(r["lr"], []).append(r)
-        for lr, rs in sorted(groups.items()):
-            rs.sort(key=lambda r: (r["steps"], r.get("alpha", 1.0)))
-            pts = [(0.0, 0.0)] + [(r["task_gain"], r["drop"]) for r in rs]
-            last = rs[-1]
-            rows.append({"method": m, "lr": lr, "seeds": last["seeds"], "task_gain": best["task_gain"],
-                         "general_drop": equal_gain_drop(pts, best["task_gain"]),
-                         "final_gain": last["task_gain"], "final_drop": last["drop"],
-                         "naive_at_final": naive_frontier(report, last["task_gain"])})
+             "task_gain": best["task_gain"], "general_drop": best["drop"], "top_gain": best["task_gain"],
+             "top_drop": best["drop"], "naive_there": best["drop"]}]
+    groups: Dict[tuple, List[Dict]] = {}
+    for r in summary:
+        if r["method"] != "naive":
+            name = r["method"] + (f" a={r['alpha']:g}" if "alpha" in r else "")
+            groups.setdefault((name, r["lr"]), []).append(r)
+    for (name, lr), rs in sorted(groups.items()):
+        rs.sort(key=lambda r: r["steps"])
+        pts = [(0.0, 0.0)] + [(r["task_gain"], r["drop"]) for r in rs]
+        top = max(rs, key=lambda r: r["task_gain"])
+        rows.append({"method": name, "lr": lr, "steps": top["steps"], "seeds": top["seeds"],
+                     "task_gain": best["task_gain"], "general_drop": equal_gain_drop(pts, best["task_gain"]),
+                     "top_gain": top["task_gain"], "top_drop": top["drop"],
+                     "naive_there": naive_frontier(report, top["task_gain"])})
     return rows
 
 
@@ -166,13 +167,14 @@ def format_comparison(rows: List[Dict], metric: str) -> str:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:+.1f}%"
 
-    lines = [f"General drop ({what}), seed means. 'at best-naive gain': interpolated along the method's curve at "
-             f"the task gain of the best naive run; 'naive there': the lowest naive drop at the method's final gain.",
-             f"  {'method':<14} {'lr':>7} {'at best-naive gain':>19} {'final gain':>11} {'final drop':>11} "
+    lines = [f"General drop ({what}), seed means. 'at best-naive gain': along the method's curve at the task gain of "
+             f"the best naive run (n/a: never reached); 'top': the method's checkpoint with the largest task gain; "
+             f"'naive there': the lowest drop any naive learning rate has at that gain.",
+             f"  {'method':<16} {'lr':>7} {'steps':>5} {'at best-naive gain':>19} {'top gain':>9} {'top drop':>9} "
              f"{'naive there':>12}"]
     for r in rows:
-        lines.append(f"  {r['method']:<14} {r['lr']:>7g} {pct(r['general_drop']):>19} {pct(r['final_gain']):>11} "
-                     f"{pct(r['final_drop']):>11} {pct(r['naive_at_final']):>12}")
+        lines.append(f"  {r['method']:<16} {r['lr']:>7g} {r['steps']:>5} {pct(r['general_drop']):>19} "
+                     f"{pct(r['top_gain']):>9} {pct(r['top_drop']):>9} {pct(r['naive_there']):>12}")
     return "\n".join(lines)
 
 

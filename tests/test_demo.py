@@ -22,8 +22,8 @@ def test_quick_demo_shows_naive_forgetting_and_lwf_forgetting_less_at_equal_gain
     assert naive.task_gain > 0.1 and report.drop(naive) > report.threshold and naive in report.flagged()
     rows = {r["method"]: r for r in report.meta["comparison"]}
     lwf = rows["lwf"]
-    assert lwf["final_gain"] > 0.05 and lwf["naive_at_final"] is not None  # inside the naive curve's range
-    assert lwf["final_drop"] <= 0.5 * lwf["naive_at_final"], rows
+    assert lwf["top_gain"] > 0.05 and lwf["naive_there"] is not None  # inside the naive curve's range
+    assert lwf["top_drop"] <= 0.5 * lwf["naive_there"], rows
     data = json.loads(files["json"].read_text())
     assert data["general"] == "general_mc" and data["meta"]["comparison"][0]["method"] == "naive (best)"
     assert files["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "| lwf |" in files["markdown"].read_text()
@@ -63,6 +63,6 @@ def test_comparison_against_the_best_naive_run_and_the_naive_frontier():
     rows = {r["method"]: r for r in demo.comparison(rep)}
     assert rows["naive (best)"]["lr"] == 1e-3 and rows["naive (best)"]["general_drop"] == pytest.approx(0.12)
     lwf = rows["lwf"]  # seed means: gain 0.15, drop 0.01
-    assert lwf["final_gain"] == pytest.approx(0.15) and lwf["final_drop"] == pytest.approx(0.01)
-    assert lwf["naive_at_final"] == pytest.approx(0.04) and lwf["general_drop"] is None  # never reached 20%
-    assert rows["wise"]["final_gain"] == pytest.approx(0.05)
+    assert lwf["top_gain"] == pytest.approx(0.15) and lwf["top_drop"] == pytest.approx(0.01)
+    assert lwf["naive_there"] == pytest.approx(0.04) and lwf["general_drop"] is None  # never reached 20%
+    assert rows["wise a=0.5"]["top_gain"] == pytest.approx(0.05) and rows["wise a=0.5"]["naive_there"] == pytest.approx(0.01)
