@@ -87,7 +87,7 @@ def test_olora_state_round_trip_and_errors():
 @pytest.mark.parametrize("shape", [(48, 20), (20, 48)], ids=["tall", "wide"])
 @pytest.mark.parametrize("rank", [None, 3], ids=["full-rank", "rank-3"])
 def test_top_singular_triples_match_the_svd(shape, rank):
-    from forgetkern.projection import top_singular_triples
+    from forgetkern.spectral import top_singular_triples
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(shape, generator=g)
