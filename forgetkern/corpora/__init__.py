@@ -9,6 +9,9 @@
   a sentence with its true ending and endings of other sentences as distractors (HellaSwag-style), seeded.
 * :func:`python_source` - a narrow domain every Python install ships: the source files of pure-Python standard
   library modules (PSF licence), split by module into training and evaluation files.
+* :func:`python_reference` - a second narrow domain, prose instead of code: the Python language reference's
+  topics as ``help()`` shows them (``pydoc_data.topics``, PSF licence), split by topic. The second task of the
+  sequential setting (task A: code, then task B: the reference).
 """
 
 from __future__ import annotations
@@ -98,3 +101,15 @@ def python_source(split: str = "train") -> List[str]:
             continue  # removed from this Python version (e.g. uu in 3.13)
         out.append(pathlib.Path(spec.origin).read_text(encoding="utf-8"))
     return out
+
+
+def python_reference(split: str = "train") -> List[str]:
+    """The language reference's topics (``pydoc_data.topics``: statements, expressions, the data model...):
+    ``split="eval"`` (every fourth topic in name order, held out) or ``"train"`` (the rest)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"python_reference: split must be 'train' or 'eval', got {split!r}")
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    keep = names[::4] if split == "eval" else [n for i, n in enumerate(names) if i % 4]
+    return [topics[n] for n in keep]
