@@ -1,5 +1,5 @@
 """Benchmark: merging task vectors (task arithmetic, TIES, DARE-linear, DARE-TIES) with forgetkern's fused op vs
-PEFT's ``peft.utils.merge_utils`` functions (the real package, same run).
+PEFT's ``peft.utils.merge_utils`` functions and mergekit's ``merge_state_dicts`` (the real packages, same run).
 
     .venv/bin/python benchmarks/bench_merge.py                       # 4 SmolLM2-135M layers, < 3 min
     .venv/bin/python benchmarks/bench_merge.py --layers 30 --llama     # the whole model + Llama-7B shapes
@@ -15,10 +15,19 @@ shapes; 62 M elements per model, about 1.2 GB for base + 3 task vectors + output
 
 * ``peft``: per tensor, ``base + merge_utils.<method>(taus, weights, density)`` (``task_arithmetic``,
   ``ties``, ``dare_linear``, ``dare_ties``; TIES trims with ``topk``, DARE draws ``torch.bernoulli`` masks);
+* ``mergekit``: ``mergekit.merge_methods.merge_state_dicts([base] + models, method, base=0)``, the in-memory
+  API over the GeneralizedTaskArithmeticMerge its YAML merges run, on the fine-tuned models ``base + tau_k``
+  (formed once, before timing), with mergekit's defaults per method (task vectors weighted before the sign
+  vote; TIES normalised by the agreeing weights; TIES trims with ``argsort``; DARE draws ``torch.bernoulli``
+  masks and restores each task vector's L1 norm);
 * ``forgetkern-<backend>``: ``forgetkern.merge_task_vectors(base, taus, method=...)`` over the whole list
-  (thresholds by ``torch.kthvalue``, then one fused pass; DARE masks from the counter-based hash).
+  (thresholds by ``torch.kthvalue``, then one fused pass; DARE masks from the counter-based hash), in PEFT's
+  semantics; ``forgetkern-<backend>:mergekit-args`` the same op on the same fine-tuned models as mergekit
+  (``subtract_base=True``) with the keywords that give mergekit's merge (DARE rescaled by 1/(1-p), the paper's
+  rule, where mergekit matches L1 norms).
 
-Checks before timing: task arithmetic and TIES against PEFT (max |diff| relative to max |tau|); DARE: the kept
+Checks before timing: task arithmetic and TIES against PEFT and mergekit (max |diff| relative to max |tau|);
+DARE: the kept
 fraction of each task is 1 - p within 1 % (the masks differ by construction). Time: median [p20, p80] of
 ``--repeat`` calls; peak memory: torch CPU allocator bytes above the inputs during one call (torch.profiler),
 also per element of the model.
@@ -44,6 +53,9 @@ from forgetkern import _backend  # noqa: E402
 T0 = time.perf_counter()
 METHODS = {"task_arithmetic": {}, "ties": {"density": 0.2}, "dare_linear": {"p": 0.9}, "dare_ties": {"p": 0.9}}
 WEIGHTS = [0.5, 0.3, 0.2]
+# forgetkern keywords that give mergekit's merge with mergekit's defaults for each method
+MERGEKIT_ARGS = {"task_arithmetic": {"normalize": "none"}, "ties": {"sign_weighted": True, "normalize": "weight"},
+                 "dare_linear": {"normalize": "none"}, "dare_ties": {"sign_weighted": True, "normalize": "none"}}
 
 
 def smollm2_shapes(layers: int) -> list:
@@ -75,12 +87,24 @@ def peft_merge(method, base, taus, weights):
     return out
 
 
-def fk_merge(method, base, taus, weights, backend):
+def mergekit_merge(method, base_sd, model_sds, weights):
+    from mergekit.merge_methods import merge_state_dicts
+
+    params = {"weight": weights}
+    if method == "ties":
+        params["density"] = METHODS["ties"]["density"]
+    elif method.startswith("dare"):
+        params["density"] = 1.0 - METHODS[method]["p"]
+    return merge_state_dicts([base_sd] + model_sds, method, base=0, parameters=params)
+
+
+def fk_merge(method, base, taus, weights, backend, **kw):
     with forgetkern.use_backend(backend):
-        return forgetkern.merge_task_vectors(base, taus, method=method, weights=weights, seed=0, **METHODS[method])
+        return forgetkern.merge_task_vectors(base, taus, method=method, weights=weights, seed=0, **METHODS[method],
+                                             **kw)
 
 
-def check(method, base, taus, got, want) -> str:
+def check(method, base, taus, got, want, peer="peft") -> str:
     if method in ("task_arithmetic", "ties"):
         scale = max(float(tv[t].abs().max()) for tv in taus for t in range(len(base)))
         err, n_tie, n_diff = 0.0, 0, 0
@@ -97,11 +121,11 @@ def check(method, base, taus, got, want) -> str:
                 d = d.masked_fill(tie, 0)
             err = max(err, float(d.max()) / scale)
         if err > 1e-4:
-            raise AssertionError(f"{method}: forgetkern and peft differ by {err:.3g} of max |tau|")
-        note = f"max |fk - peft| / max |tau| = {err:.2e}"
+            raise AssertionError(f"{method}: forgetkern and {peer} differ by {err:.3g} of max |tau|")
+        note = f"max |fk - {peer}| / max |tau| = {err:.2e}"
         if method == "ties":
             note += (f" outside the {n_tie} elements where some |tau_k| equals its threshold ({n_diff} elements "
-                     f"differ there: PEFT's topk keeps k of the tied values, forgetkern all)")
+                     f"differ there: {peer} keeps exactly k of the tied values, forgetkern all)")
         return note
     p = METHODS[method]["p"]
     # single task with weight 1: the kept fraction is visible directly
@@ -109,31 +133,42 @@ def check(method, base, taus, got, want) -> str:
     frac = float((one != 0).double().mean())
     if abs(frac - (1 - p)) > 0.01:
         raise AssertionError(f"{method}: kept fraction {frac:.4f}, expected {1 - p}")
-    return f"kept fraction {frac:.4f} (1 - p = {1 - p:g}); masks differ from peft by construction"
+    return f"kept fraction {frac:.4f} (1 - p = {1 - p:g}); masks differ from {peer}'s by construction"
 
 
 def run_set(res, args, name, shapes, backends):
     base, taus = make(shapes, 3, args.seed)
     size = sum(b.numel() for b in base)
+    names = [f"t{t}" for t in range(len(base))]
+    models = [[b + tv[t] for t, b in enumerate(base)] for tv in taus]   # mergekit merges fine-tuned models
+    base_sd = dict(zip(names, base))
+    model_sds = [dict(zip(names, m)) for m in models]
+    # the task vectors mergekit (and forgetkern with subtract_base) sees: (base + tau) - base, rounded
+    mk_taus = [[m - b for m, b in zip(model, base)] for model in models]
     print(f"\n== {name}: {len(shapes)} tensors, {size:,} elements per model, 3 task vectors", flush=True)
     for method in METHODS:
-        provs = {"peft": lambda m=method: peft_merge(m, base, taus, WEIGHTS)}
+        provs = {"peft": lambda m=method: peft_merge(m, base, taus, WEIGHTS),
+                 "mergekit": lambda m=method: list(mergekit_merge(m, base_sd, model_sds, WEIGHTS).values())}
         for be in backends:
             provs[f"forgetkern-{be}"] = lambda m=method, be=be: fk_merge(m, base, taus, WEIGHTS, be)
-        want = provs["peft"]()
+            provs[f"forgetkern-{be}:mergekit-args"] = lambda m=method, be=be: fk_merge(
+                m, base, models, WEIGHTS, be, subtract_base=True, **MERGEKIT_ARGS[m])
+        wants = {"peft": provs["peft"](), "mergekit": provs["mergekit"]()}
         for prov, fn in provs.items():
-            if prov != "peft":
-                note = check(method, base, taus, fn(), want)
+            if prov.startswith("forgetkern"):
+                peer = "mergekit" if prov.endswith(":mergekit-args") else "peft"
+                note = check(method, base, mk_taus if peer == "mergekit" else taus, fn(), wants[peer], peer)
                 print(f"   {method} {prov}: {note}")
                 res.notes.append(f"{name}/{method}/{prov}: {note}")
-        del want
+        del wants
         st = bc.time_interleaved(provs, warmup=0, repeat=args.repeat, budget_s=args.budget_s, min_repeat=1)
         for prov, s in st.items():
             res.add(bc.time_row("merge", prov, f"{name}/{method}", size, s))
         for prov in provs:
-            if prov != "peft":
-                res.add(bc.Row("merge", prov, f"{name}/{method}", "speedup_vs_peft", size, "x",
-                               st["peft"].median / st[prov].median, note="time(peft) / time"))
+            if prov.startswith("forgetkern"):
+                peer = "mergekit" if prov.endswith(":mergekit-args") else "peft"
+                res.add(bc.Row("merge", prov, f"{name}/{method}", f"speedup_vs_{peer}", size, "x",
+                               st[peer].median / st[prov].median, note=f"time({peer}) / time"))
         if not args.no_memory:
             for prov, fn in provs.items():
                 mem = bc.peak_memory(lambda fn=fn: fn())
@@ -144,10 +179,10 @@ def run_set(res, args, name, shapes, backends):
                                                         f"{bc.MEMORY_METHODS[how]}"))
         line = ", ".join(f"{p} {s.median:.0f} ms" for p, s in st.items())
         print(f"   {method}: {line}", flush=True)
-    del base, taus
+    del base, taus, models, mk_taus
 
 
-PEERS = ("peft",)   # PEFT's merge_utils (the real package)
+PEERS = ("peft", "mergekit")   # PEFT's merge_utils and mergekit's merge_state_dicts (the real packages)
 
 
 def runner_argv(quick: bool, device: str) -> list:
@@ -177,9 +212,11 @@ def main(argv=None) -> int:
     if not backends:
         backends = ["torch"]
     meta = bc.machine_info("cpu", backends=avail)
+    import importlib.metadata
+
     import peft
 
-    meta.update({"peft_version": peft.__version__, "layers": args.layers, "repeat": args.repeat,
+    meta.update({"peft_version": peft.__version__, "mergekit_version": importlib.metadata.version("mergekit"), "layers": args.layers, "repeat": args.repeat,
                  "methods": METHODS, "weights": WEIGHTS, "dtype": "float32"})
     res = bc.Results(args.name, meta)
     res.notes.append("peak_mem:torch_alloc counts torch tensors only: forgetkern's C++ TIES threshold selection "
@@ -195,6 +232,7 @@ def main(argv=None) -> int:
     csv_path, json_path = res.write(args.out)
     print()
     print(res.summary([("time ms [p20, p80]", "time"), ("x vs peft", "speedup_vs_peft"),
+                       ("x vs mergekit", "speedup_vs_mergekit"),
                        ("peak MB (torch)", "peak_mem:torch_alloc"), ("peak MB (RSS)", "peak_mem:rss_hwm")]))
     print(f"   wall {meta['wall_s']} s; wrote {csv_path} and {json_path}")
     return 0

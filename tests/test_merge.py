@@ -1,5 +1,5 @@
 """forgetkern.merge: whole-model merges against the real PEFT merge functions and add_weighted_adapter, the
-mergekit formulas (re-implemented here, labelled), WiSE-FT, DARE reproducibility, the streamed safetensors
+the real mergekit (merge_tensors; DARE with our masks handed to it), WiSE-FT, DARE reproducibility, the streamed safetensors
 merge of a sharded model (peak memory measured on the tensors it holds) and the LoRA merge in row tiles."""
 
 from __future__ import annotations
@@ -93,55 +93,68 @@ def test_dare_p0_is_task_arithmetic_and_expectation():
     assert err < 0.12
 
 
-def _mergekit_gta(base, fts, weights, density, *, consensus, sparsify, normalize, lam=1.0):
-    """mergekit 0.1.5 GeneralizedTaskArithmeticMerge.merge_group (its published formula, re-implemented here:
-    mergekit is not a dependency): magnitude sparsify keeps the top max(1, int(density * n)); deltas weighted
-    BEFORE the sign vote ('sum' consensus: majority = sign of the weighted sum, >= 0 -> +1); normalize divides
-    by the sum of the agreeing weights (0 -> 1); then lambda."""
-    deltas = []
-    for ft in fts:
-        d = ft - base
-        if sparsify:
-            k = max(1, int(density * d.numel()))
-            mask = torch.zeros(d.numel())
-            mask[torch.argsort(d.abs().reshape(-1), descending=True)[:k]] = 1
-            d = d * mask.reshape(d.shape)
-        deltas.append(d)
-    deltas = torch.stack(deltas)
-    w = torch.tensor(weights).reshape(-1, *([1] * base.dim()))
-    deltas = deltas * w
-    if consensus:
-        sign = deltas.sign()
-        majority = (deltas.sum(0) >= 0).float() * 2 - 1
-        mask = (sign == majority).float()
-        mixed = (deltas * mask).sum(0)
-        div = (w * mask).sum(0)
-        div[div == 0] = 1
-    else:
-        mixed = deltas.sum(0)
-        div = w.sum(0)
-        div[div.abs() < 1e-8] = 1
-    if normalize:
-        mixed = mixed / div
-    return base + lam * mixed
+MERGEKIT = {  # mergekit method -> forgetkern keywords giving the same merge (its defaults for each method)
+    "task_arithmetic": dict(method="task_arithmetic", normalize="none"),
+    "ties": dict(method="ties", density=0.3, sign_weighted=True, normalize="weight"),
+    "dare_linear": dict(method="dare_linear", p=0.6, normalize="none"),
+    "dare_ties": dict(method="dare_ties", p=0.6, sign_weighted=True, normalize="none"),
+}
 
 
 @pytest.mark.parametrize("lam", [1.0, 0.7])
-def test_mergekit_ties_formula(lam):
+@pytest.mark.parametrize("method", list(MERGEKIT))
+def test_merge_models_equals_mergekit(method, lam, monkeypatch):
+    """The real mergekit (``merge_tensors``, its in-memory API over the same GeneralizedTaskArithmeticMerge a
+    YAML merge runs): task vectors weighted before mergekit's sign vote, ``normalize`` by the agreeing weights,
+    ``lambda``. DARE: mergekit draws masks with torch.bernoulli (handed ours, in call order) and rescales a
+    kept task vector to its original L1 norm instead of by 1/(1-p), so rescale is off on both sides here; the
+    L1 rule itself is pinned by test_mergekit_dare_l1_rescale_vs_the_paper's."""
+    pytest.importorskip("mergekit.merge_methods")
+    from mergekit.merge_methods import merge_tensors
+
     base, fts = _sds()
     weights = [0.6, 1.0, 0.8]
-    got = merge_models(base, fts, method="ties", density=0.3, weights=weights, sign_weighted=True,
-                       normalize="weight", lam=lam)
-    lin = merge_models(base, fts, method="task_arithmetic", weights=weights, normalize="weight", lam=lam)
+    kw = dict(MERGEKIT[method], weights=weights, lam=lam, seed=5)
+    params = {"weight": weights, "lambda": lam}
+    if "density" in kw:
+        params["density"] = kw["density"]
+    if "p" in kw:
+        params.update(density=1 - kw["p"], rescale=False)
+        kw["rescale"] = False
+    got = merge_models(base, fts, **kw)
     for name, b in base.items():
         if not b.is_floating_point():
             continue
-        want = _mergekit_gta(b, [ft[name] for ft in fts], weights, 0.3, consensus=True, sparsify=True,
-                             normalize=True, lam=lam)
+        if "p" in kw:
+            keys = task_keys(5, [tensor_id(name)], 3)
+            masks = iter([dare_keep(k, kw["p"], b.numel()).reshape(b.shape).float() for k in keys])
+            monkeypatch.setattr(torch, "bernoulli", lambda probs, *a, **k: next(masks))
+        want = merge_tensors([b] + [ft[name] for ft in fts], method, base_index=0, parameters=params)
+        monkeypatch.undo()
         torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6 * (b.abs().max().item() + 1))
-        want = _mergekit_gta(b, [ft[name] for ft in fts], weights, 1.0, consensus=False, sparsify=False,
-                             normalize=True, lam=lam)
-        torch.testing.assert_close(lin[name], want, rtol=0, atol=1e-6 * (b.abs().max().item() + 1))
+
+
+def test_mergekit_dare_l1_rescale_vs_the_papers():
+    """mergekit's DARE rescales the kept entries of a task vector by ||tau||_1 / ||m * tau||_1; forgetkern (as
+    the DARE paper and PEFT) by 1/(1-p): on the same mask the two differ by exactly that ratio times (1-p)."""
+    pytest.importorskip("mergekit.merge_methods")
+    from mergekit.merge_methods import merge_tensors
+
+    base, fts = _sds(n=1)
+    name, p = "layers.0.mlp.weight", 0.7
+    b, ft = base[name], fts[0][name]
+    got = merge_models(base, fts, method="dare_linear", p=p, seed=2, names=[name])[name]
+    mask = dare_keep(task_keys(2, [tensor_id(name)], 1)[0], p, b.numel()).reshape(b.shape).float()
+    orig = torch.bernoulli
+    try:
+        torch.bernoulli = lambda probs, *a, **k: mask
+        want = merge_tensors([b, ft], "dare_linear", base_index=0, parameters={"weight": 1.0, "density": 1 - p})
+    finally:
+        torch.bernoulli = orig
+    tau = (ft - b).double()
+    ratio = tau.abs().sum() / (mask.double() * tau).abs().sum()
+    torch.testing.assert_close((got - b).double(), (want - b).double() / (ratio * (1 - p)), rtol=1e-5,
+                               atol=1e-7)
 
 
 def test_wise_ft():
